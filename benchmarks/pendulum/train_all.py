@@ -1,0 +1,64 @@
+"""Train the four pendulum settings at the reference budget (used by run.py).
+
+Finished runs (``last.pt`` at the final epoch) are kept; partial ones resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from pyro_physvae.checkpoint import load_checkpoint
+from pyro_physvae.data.io import save_dataset
+from pyro_physvae.settings import SETTINGS
+from pyro_physvae.systems import get_system
+from pyro_physvae.train import TrainConfig, train
+
+
+def ensure_data(data_dir: Path, seed: int) -> None:
+    if all((data_dir / f"{s}.nc").is_file() for s in ("train", "valid", "test")):
+        return
+    for split, ds in get_system("pendulum").generate(seed=seed).items():
+        save_dataset(ds, data_dir / f"{split}.nc")
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    last = run_dir / "last.pt"
+    return last.is_file() and load_checkpoint(last)["epoch"] >= epochs
+
+
+def train_one(setting: str, data_dir: str, out: str, config: dict) -> str:
+    run_dir = Path(out) / setting
+    cfg = TrainConfig(**config)
+    if not finished(run_dir, cfg.epochs):
+        train("pendulum", setting, data_dir, run_dir, cfg,
+              resume=(run_dir / "last.pt").is_file(), progress=False)
+    return setting
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    p.add_argument("--epochs", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="settings trained side by side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    ensure_data(out / "data", args.seed)
+    config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+              "threads": args.threads, "checkpoint_every": 100}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(train_one, s, str(out / "data"), str(out), config)
+                   for s in args.settings]
+        for f in futures:
+            print("trained", f.result(), flush=True)
+    (out / "train_args.json").write_text(json.dumps(vars(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()

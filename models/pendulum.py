@@ -1,0 +1,266 @@
+"""Forced damped pendulum: the Phys-VAE generative model.
+
+Physics (the incomplete model that scientists know)::
+
+    d(theta)/dt = dtheta,   d(dtheta)/dt = -omega^2 sin(theta)
+
+Data come from the forced damped pendulum
+``theta'' = -omega^2 sin(theta) - xi theta' + A omega^2 cos(2 pi f t)``; the damping and the
+forcing are left to two neural parts driven by auxiliary latents:
+
+* ``z_A1`` enters an MLP that adds an acceleration term *inside* the ODE;
+* ``z_A2`` (with ``omega`` and ``z_A1``) enters an MLP that adds a residual curve *outside*
+  the ODE.
+
+The observed angle series is ``x ~ Normal(x_mean, sigma)`` with ``log sigma^2 = -9`` by default.
+The initial angle is taken from the data (its first sample), the initial velocity is zero.
+
+Sample sites (all inside the ``data`` plate, dim -1):
+``omega`` (scalar, rad/s), ``z_A1`` (event 1), ``z_A2`` (event 1), ``x`` (event 1, time).
+Deterministic sites: ``init`` (initial angle), ``x_P``, ``x_PA``, ``x_PB``, ``x_mean``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor
+
+from pyro_physvae.nets import MLP
+from pyro_physvae.ode import check_method, integrate, time_grid
+from pyro_physvae.physics import PhysicalParameter
+from pyro_physvae.settings import Setting
+from pyro_physvae.validation import check_sequences
+
+OMEGA = PhysicalParameter(
+    "omega", 0.392, 3.53, unit="rad/s", description="angular frequency of the free pendulum"
+)
+
+
+# Constant maps folded into the right-hand sides (see decode()). For the stacked state
+# (theta_P, theta_PA, dtheta_P, dtheta_PA) of phys+nn, and (theta, dtheta) of nn-only:
+_CONSTANT_MAPS = {
+    "vel_to_pos4": [[0.0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]],  # d(theta)/dt
+    "pos_to_accel4": [[0.0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]],  # theta slots
+    "select_pa": [[0.0, 1, 0, 0], [0, 0, 0, 1]],  # net input (theta_PA, dtheta_PA)
+    "into_accel_pa": [[0.0], [0], [0], [1]],  # net output -> d(dtheta_PA)/dt
+    "vel_to_pos2": [[0.0, 1], [0, 0]],
+    "into_accel2": [[0.0], [1]],
+}
+
+
+def pendulum_rhs(state: Tensor, omega: Tensor) -> Tensor:
+    """Frictionless pendulum: ``state (..., 2) = (theta, dtheta)``, ``omega (...)``."""
+    theta, dtheta = state[..., 0], state[..., 1]
+    return torch.stack((dtheta, -omega.pow(2) * torch.sin(theta)), dim=-1)
+
+
+class PendulumModel(PyroModule):
+    """The Phys-VAE generative model of pendulum angle sequences.
+
+    Args:
+        setting: ``"nn-only"``, ``"phys-only"``, ``"phys+nn"`` or ``"phys+nn+reg"``.
+        n_steps: sequence length T.
+        dt: sampling interval [s].
+        dim_z_aux1, dim_z_aux2: sizes of the auxiliary latents. ``nn-only`` has no ``omega``;
+            its ``z_A1`` gets one extra dimension so that its latent size matches.
+        hidden_aux1, hidden_aux2: hidden layer widths of the in-ODE and out-of-ODE nets.
+        x_lnvar: log variance of the observation noise.
+        learn_noise: learn ``x_lnvar`` instead of fixing it.
+        method, substeps: ODE solver (see :mod:`pyro_physvae.ode`) and sub-steps per dt.
+        omega: range (and hence prior) of the physics parameter.
+    """
+
+    def __init__(
+        self,
+        setting: str | Setting = Setting.PHYS_NN_REG,
+        *,
+        n_steps: int = 50,
+        dt: float = 0.05,
+        dim_z_aux1: int = 1,
+        dim_z_aux2: int = 2,
+        hidden_aux1: Sequence[int] = (64,),
+        hidden_aux2: Sequence[int] = (128, 128),
+        activation: str = "elu",
+        x_lnvar: float = -9.0,
+        learn_noise: bool = False,
+        method: str = "euler",
+        substeps: int = 1,
+        omega: PhysicalParameter = OMEGA,
+    ) -> None:
+        super().__init__(name="pendulum_model")
+        self.setting = Setting.parse(setting)
+        if n_steps < 2:
+            raise ValueError(f"n_steps must be at least 2, got {n_steps}")
+        if not dt > 0:
+            raise ValueError(f"dt must be positive, got {dt}")
+        if dim_z_aux1 < 0 or dim_z_aux2 < 0:
+            raise ValueError("latent sizes must be non-negative")
+        self.n_steps, self.dt = int(n_steps), float(dt)
+        self.method, self.substeps = check_method(method), int(substeps)
+        self.omega = omega
+        self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
+        self.dim_z_aux2 = dim_z_aux2
+        if self.setting.has_nn:
+            self.aux1 = MLP(2 + self.dim_z_aux1, hidden_aux1, 1, activation, zero_last=True)
+            dim_in = int(self.setting.has_physics) + self.dim_z_aux1 + self.dim_z_aux2
+            self.aux2 = MLP(dim_in, hidden_aux2, self.n_steps, activation, zero_last=True)
+        lnvar = torch.tensor(float(x_lnvar))
+        if learn_noise:
+            self.x_lnvar = PyroParam(lnvar)
+        else:
+            self.register_buffer("x_lnvar", lnvar)
+        self.register_buffer("t", time_grid(self.n_steps, self.dt))
+        for name, value in _CONSTANT_MAPS.items():
+            self.register_buffer(name, torch.tensor(value), persistent=False)
+
+    # -- configuration -------------------------------------------------------------------
+    @property
+    def physics_parameters(self) -> tuple[PhysicalParameter, ...]:
+        return (self.omega,) if self.setting.has_physics else ()
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        names = [p.name for p in self.physics_parameters]
+        if self.setting.has_nn:
+            names += ["z_A1", "z_A2"]
+        return tuple(names)
+
+    # -- the decoder ---------------------------------------------------------------------
+    def decode(
+        self,
+        init: Tensor,
+        omega: Tensor | None,
+        z_aux1: Tensor | None,
+        z_aux2: Tensor | None,
+        *,
+        clamp: bool = True,
+    ) -> dict[str, Tensor]:
+        """Decode latents into curves.
+
+        Args:
+            init: initial angle [rad], shape ``(..., B)``.
+            omega: ``(..., B)`` or ``None`` (nn-only).
+            z_aux1, z_aux2: ``(..., B, dim)`` or ``None`` (phys-only).
+            clamp: clamp omega to its feasible range (switch off for counterfactuals).
+
+        Returns:
+            Curves of shape ``(..., B, T)``: ``x_mean`` always, and for settings with
+            physics ``x_P``; with physics and nets also ``x_PA`` and ``x_PB``.
+        """
+        s = self.setting
+        if s.has_physics:
+            omega = self.omega.clamp(omega) if clamp else omega
+            batch = omega.shape
+        else:
+            batch = z_aux1.shape[:-1]
+        y0 = torch.stack((init.expand(batch), torch.zeros(batch, dtype=init.dtype,
+                                                           device=init.device)), -1)
+
+        if s.has_physics and s.has_nn:
+            net = self.aux1.bind_conditioned(z_aux1, self.select_pa, self.into_accel_pa)
+            vel_to_pos = self.vel_to_pos4
+            pos_to_accel = self.pos_to_accel4
+            coef = F.pad(-omega.pow(2).unsqueeze(-1).expand(*batch, 2), (2, 0))
+
+            # Physics-only and physics+net dynamics in one solve. State (..., B, 4) =
+            # (theta_P, theta_PA, dtheta_P, dtheta_PA); the net reads (theta_PA, dtheta_PA)
+            # and adds to d(dtheta_PA)/dt. The slicing is folded into constant matrices
+            # because per-operation overhead, not arithmetic, dominates at these sizes.
+            def rhs(t: Tensor, y: Tensor) -> Tensor:
+                sin_theta = torch.sin(F.linear(y, pos_to_accel))
+                return F.linear(y, vel_to_pos) + coef * sin_theta + net(y)
+
+            ys = self._solve(rhs, y0[..., (0, 0, 1, 1)])
+            x_p, x_pa = ys[..., 0], ys[..., 1]
+            residual = self.aux2(torch.cat((omega.unsqueeze(-1), z_aux1, z_aux2), -1))
+            return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
+        if s.has_physics:
+            x_p = self._solve(lambda t, y: pendulum_rhs(y, omega), y0)[..., 0]
+            return {"x_P": x_p, "x_mean": x_p}
+        net = self.aux1.bind_conditioned(z_aux1, output_map=self.into_accel2)
+        vel_to_pos = self.vel_to_pos2
+
+        def rhs_nn(t: Tensor, y: Tensor) -> Tensor:
+            return F.linear(y, vel_to_pos) + net(y)
+
+        ys = self._solve(rhs_nn, y0)
+        return {"x_mean": ys[..., 0] + self.aux2(torch.cat((z_aux1, z_aux2), -1))}
+
+    def _solve(self, rhs, y0: Tensor) -> Tensor:
+        return integrate(rhs, y0, self.t, method=self.method, substeps=self.substeps)
+
+    def physics_only(self, init: Tensor, omega: Tensor, *, clamp: bool = True) -> Tensor:
+        """Physics-only angle curves ``(..., B, T)`` for angles ``init`` and ``omega``."""
+        omega = self.omega.clamp(omega) if clamp else omega
+        y0 = torch.stack((init.expand(omega.shape), torch.zeros_like(omega)), -1)
+        return self._solve(lambda t, y: pendulum_rhs(y, omega), y0)[..., 0]
+
+    def simulate_augmentation(self, init: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Physics-only data for R_DA,2: omega uniform over its range, from ``init (..., B)``."""
+        omega = self.omega.sample_uniform(init.shape, dtype=init.dtype, device=init.device)
+        return {"omega": omega}, self.physics_only(init, omega)
+
+    # -- the Pyro model ------------------------------------------------------------------
+    def noise_scale(self) -> Tensor:
+        return torch.exp(0.5 * self.x_lnvar)
+
+    def forward(
+        self,
+        x: Tensor | None = None,
+        *,
+        init: Tensor | None = None,
+        subsample: Tensor | None = None,
+        omega_prior: dist.Distribution | None = None,
+    ) -> Tensor:
+        """Run the generative program.
+
+        Args:
+            x: observed angle sequences ``(N, T)`` [rad], or ``None`` to generate.
+            init: initial angles ``(N,)``; defaults to ``x[:, 0]``.
+            subsample: indices of the minibatch within the N sequences (the ``data`` plate
+                scales the likelihood by ``N / B``).
+            omega_prior: replaces the default prior of ``omega``, e.g. with a population
+                distribution sampled by an outer hierarchical program; it must broadcast to
+                the plate shape.
+
+        Returns:
+            The decoder mean ``x_mean``, shape ``(..., B, T)``.
+        """
+        if x is not None:
+            check_sequences(x, "x", n_steps=self.n_steps)
+        if init is None:
+            if x is None:
+                raise ValueError("give the observations x or the initial angles init")
+            init = x[..., 0]
+        if init.dim() != 1:
+            raise ValueError(f"init must have shape (N,), got {tuple(init.shape)}")
+        if x is not None and init.shape[0] != x.shape[0]:
+            raise ValueError(f"init has {init.shape[0]} entries but x has {x.shape[0]} rows")
+        s = self.setting
+        omega = z_aux1 = z_aux2 = None
+        with pyro.plate("data", init.shape[0], subsample=subsample) as idx:
+            init_b = pyro.deterministic("init", init[idx], event_dim=0)
+            if s.has_nn:
+                z_aux1 = pyro.sample("z_A1", _std_normal(self.dim_z_aux1, init))
+                z_aux2 = pyro.sample("z_A2", _std_normal(self.dim_z_aux2, init))
+            if s.has_physics:
+                prior = omega_prior if omega_prior is not None else self.omega.prior(init.device)
+                omega = pyro.sample("omega", prior)
+            curves = self.decode(init_b, omega, z_aux1, z_aux2)
+            for name, value in curves.items():
+                pyro.deterministic(name, value, event_dim=1)
+            x_b = None if x is None else x[idx]
+            obs_dist = dist.Normal(curves["x_mean"], self.noise_scale()).to_event(1)
+            pyro.sample("x", obs_dist, obs=x_b)
+        return curves["x_mean"]
+
+
+def _std_normal(dim: int, like: Tensor) -> dist.Distribution:
+    zero = torch.zeros(dim, dtype=like.dtype, device=like.device)
+    return dist.Normal(zero, torch.ones_like(zero)).to_event(1)

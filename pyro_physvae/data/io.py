@@ -1,0 +1,70 @@
+"""netCDF input and output of data sets, with validation and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from pyro_physvae.validation import check_sequences
+
+SPLITS = ("train", "valid", "test")
+
+
+def save_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` to ``path`` (netCDF) atomically: an existing file is replaced only once
+    the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_dataset(path: str | os.PathLike, *, system: str | None = None) -> xr.Dataset:
+    """Read and validate a data set written by :func:`save_dataset`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable netCDF data set, lacks ``x``, holds NaN/inf,
+            or belongs to another system than ``system``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as f:
+            ds = f.load()
+    except Exception as e:  # h5py/h5netcdf raise many types for a damaged file
+        raise ValueError(f"cannot read {path} as a netCDF data set ({type(e).__name__}: {e})") from e
+    if "x" not in ds:
+        raise ValueError(f"{path} has no observation variable 'x' (variables: {list(ds.data_vars)})")
+    if ds["x"].dims[0] != "sequence":
+        raise ValueError(f"{path}: 'x' must have 'sequence' as its first dimension, has {ds['x'].dims}")
+    check_sequences(ds["x"].values, f"'x' in {path}", rank=ds["x"].ndim)
+    if system is not None and ds.attrs.get("system", system) != system:
+        raise ValueError(f"{path} holds {ds.attrs['system']!r} data, expected {system!r}")
+    return ds
+
+
+def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = None) -> xr.Dataset:
+    """Load ``<data_dir>/<split>.nc``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    return load_dataset(Path(data_dir) / f"{split}.nc", system=system)
+
+
+def to_tensor(values: np.ndarray | xr.DataArray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Float tensor in the default dtype on ``device``."""
+    arr = values.values if isinstance(values, xr.DataArray) else values
+    return torch.as_tensor(np.asarray(arr), dtype=torch.get_default_dtype(), device=device)

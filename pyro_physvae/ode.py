@@ -1,0 +1,91 @@
+"""Batched, plate-friendly ODE integration on top of torchdiffeq.
+
+torchdiffeq returns the time axis first. Pyro plates live on the left of a tensor, so
+:func:`integrate` moves time next to the state dimension: an initial state of shape
+``(..., D)`` gives a trajectory of shape ``(..., T, D)``, whatever the leading (plate,
+particle or Predictive sample) dimensions are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+#: Solvers on a fixed grid: the step is ``dt / substeps``.
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun3", "rk4", "explicit_adams", "implicit_adams")
+#: Adaptive solvers: the step is chosen to meet ``rtol``/``atol``.
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+METHODS = FIXED_STEP_METHODS + ADAPTIVE_METHODS
+
+RightHandSide = Callable[[Tensor, Tensor], Tensor]
+
+
+class IntegrationError(FloatingPointError):
+    """The solution of an ODE became NaN or infinite."""
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` if torchdiffeq offers it here, else raise a ``ValueError``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown ODE solver {method!r}; choose one of: {', '.join(METHODS)}")
+    return method
+
+
+def time_grid(n_steps: int, dt: float, device: torch.device | str | None = None) -> Tensor:
+    """Observation times ``0, dt, ..., (n_steps - 1) dt`` of shape ``(n_steps,)``."""
+    if n_steps < 1:
+        raise ValueError(f"the number of time steps must be positive, got {n_steps}")
+    if not dt > 0:
+        raise ValueError(f"the time step dt must be positive, got {dt}")
+    return torch.arange(n_steps, device=device, dtype=torch.get_default_dtype()) * dt
+
+
+def integrate(
+    rhs: RightHandSide,
+    y0: Tensor,
+    t: Tensor,
+    *,
+    method: str = "euler",
+    substeps: int = 1,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    check_finite: bool = True,
+) -> Tensor:
+    """Solve ``dy/dt = rhs(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at the times ``t``.
+
+    Args:
+        rhs: right-hand side, called with a scalar time tensor and a state of the same shape
+            as ``y0``; it must broadcast over all leading dimensions.
+        y0: initial state, shape ``(..., D)``.
+        t: strictly increasing times, shape ``(T,)``; on a uniform grid for fixed-step solvers.
+        method: a torchdiffeq solver name (:data:`METHODS`).
+        substeps: fixed-step solvers take this many steps per interval of ``t``.
+        rtol, atol: tolerances of adaptive solvers.
+        check_finite: raise :class:`IntegrationError` if the solution is not finite.
+
+    Returns:
+        The trajectory, shape ``(..., T, D)``.
+    """
+    check_method(method)
+    if substeps < 1:
+        raise ValueError(f"substeps must be a positive integer, got {substeps}")
+    if t.dim() != 1 or t.numel() < 1:
+        raise ValueError(f"t must be a non-empty 1-d tensor of times, got shape {tuple(t.shape)}")
+    if t.numel() == 1:
+        ys = y0.unsqueeze(-2)
+    else:
+        if method in FIXED_STEP_METHODS:
+            step = float(t[1] - t[0]) / substeps
+            ys = odeint(rhs, y0, t, method=method, options={"step_size": step})
+        else:
+            ys = odeint(rhs, y0, t, method=method, rtol=rtol, atol=atol)
+        ys = ys.movedim(0, -2)
+    if check_finite and not torch.isfinite(ys).all():
+        raise IntegrationError(
+            f"the ODE solution became non-finite (solver {method!r}, {substeps} substep(s)); "
+            "the dynamics blew up: lower the learning rate, add substeps or use an adaptive solver"
+        )
+    return ys

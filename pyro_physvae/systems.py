@@ -1,0 +1,83 @@
+"""The registry of physical systems: what the CLI and the trainer need to know of each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xarray as xr
+from pyro.nn import PyroModule
+
+from pyro_physvae.data.io import to_tensor
+from pyro_physvae.settings import Setting
+
+
+@dataclass(frozen=True)
+class System:
+    """One physical system of the zoo.
+
+    Attributes:
+        name: registry key, also the ``system`` attribute of its data sets.
+        model_cls, guide_cls: the model (``model_cls(setting, **model_kwargs)``) and its
+            amortized guide (``guide_cls(model, **guide_kwargs)``).
+        reg_weights: default regularizer weights ``(alpha, beta, gamma)`` for phys+nn+reg.
+        train_defaults: reference epochs and batch size.
+        generate: ``generate(seed=..., **sizes) -> {split: Dataset}``.
+        model_kwargs_from_data: model size arguments read off a data set (length, dt, ...).
+        truth_params: names of the true physics parameters stored in synthetic data sets.
+    """
+
+    name: str
+    model_cls: Callable[..., PyroModule]
+    guide_cls: Callable[..., PyroModule]
+    reg_weights: tuple[float, float, float]
+    train_defaults: dict[str, int]
+    generate: Callable[..., dict[str, xr.Dataset]]
+    model_kwargs_from_data: Callable[[xr.Dataset], dict[str, Any]]
+    truth_params: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, setting: str | Setting, model_kwargs: dict | None = None,
+              guide_kwargs: dict | None = None) -> tuple[PyroModule, PyroModule]:
+        model = self.model_cls(Setting.parse(setting), **(model_kwargs or {}))
+        return model, self.guide_cls(model, **(guide_kwargs or {}))
+
+    def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The observation tensor of a data set, the first argument of model and guide."""
+        return to_tensor(ds["x"], device)
+
+
+def _pendulum() -> System:
+    from pyro_physvae.data import pendulum as data
+    from pyro_physvae.guides.pendulum import PendulumGuide
+    from pyro_physvae.models.pendulum import PendulumModel
+
+    def generate(seed: int = 0, **sizes: int) -> dict[str, xr.Dataset]:
+        return data.generate(data.PendulumDataConfig(**sizes), seed=seed)
+
+    def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
+        return {"n_steps": int(ds.sizes["time"]), "dt": float(ds.attrs["dt"])}
+
+    return System(
+        name="pendulum",
+        model_cls=PendulumModel,
+        guide_cls=PendulumGuide,
+        reg_weights=(1e-2, 1e-1, 1e-3),
+        train_defaults={"epochs": 5000, "batch_size": 200},
+        generate=generate,
+        model_kwargs_from_data=model_kwargs,
+        truth_params=("omega",),
+    )
+
+
+_FACTORIES: dict[str, Callable[[], System]] = {"pendulum": _pendulum}
+SYSTEMS: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def get_system(name: str) -> System:
+    """The system registered as ``name``; ``ValueError`` naming the choices otherwise."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown system {name!r}; choose one of: {', '.join(SYSTEMS)}")
+    return _FACTORIES[name]()
