@@ -139,7 +139,8 @@ def load_reference_text(directory: str | os.PathLike, split: str, dt: float = 0.
         with open(param_file) as f:
             header = f.readline().split()
         if tuple(header) != TEXT_HEADER:
-            raise ValueError(f"{param_file}: header must be {' '.join(TEXT_HEADER)!r}, got {' '.join(header)!r}")
+            expected, got = " ".join(TEXT_HEADER), " ".join(header)
+            raise ValueError(f"{param_file}: header must be {expected!r}, got {got!r}")
         table = _read_table(param_file, skiprows=1)
         table = table.reshape(-1, len(TEXT_HEADER)) if table.size else table
         if table.ndim != 2 or table.shape != (x.shape[0], len(TEXT_HEADER)):
