@@ -1,0 +1,54 @@
+"""Training speed of the four pendulum settings, one at a time, at the reference batch size.
+
+    python benchmarks/pendulum/speed.py [--epochs 40] [--threads 1]
+
+Trains each setting for a few epochs on 1000 sequences (batch 200, Euler) with a fixed thread
+count and reports the median wall time per epoch, validation on 500 sequences included, in
+``out/speed.json``. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_all import ensure_data  # noqa: E402
+
+from pyro_physvae.settings import SETTINGS  # noqa: E402
+from pyro_physvae.train import TrainConfig, train  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = p.parse_args()
+    out = Path(args.out)
+    ensure_data(out / "data", seed=0)
+    rows = {}
+    for setting in SETTINGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            h = train("pendulum", setting, out / "data", tmp,
+                      TrainConfig(epochs=args.epochs, batch_size=200, threads=args.threads,
+                                  checkpoint_every=args.epochs), progress=False)
+        skip = min(5, args.epochs - 1)  # warm-up epochs
+        rows[setting] = {"s_per_epoch": float(np.median([r["time_epoch"] for r in h[skip:]])),
+                         "s_per_epoch_train_only": float(np.median([r["time_train"] for r in h[skip:]]))}
+        print(setting, rows[setting], flush=True)
+    result = {"date": date.today().isoformat(), "machine": platform.platform(),
+              "torch": torch.__version__, "threads": args.threads, "epochs": args.epochs, "rows": rows}
+    (out / "speed.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
