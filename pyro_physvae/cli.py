@@ -157,6 +157,8 @@ posterior samples each.
 
 
 def _run_data(run_dir: str) -> str:
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
     config = Path(run_dir) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: pass --data")

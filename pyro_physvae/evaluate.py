@@ -240,8 +240,8 @@ def counterfactual(run_dir: str | Path, data_dir: str | Path, *, split: str = "t
     x = run.system.observations(ds)
     draws = posterior_predictive(run.model, run.guide, x, num_samples, seed=seed)
     mean = {k: draws[k].mean(0) for k in run.model.latent_sites}
-    t = torch.as_tensor(ds["time"].values)
-    truth_params = [torch.as_tensor(ds[v].values) for v in
+    t = torch.tensor(ds["time"].values)
+    truth_params = [torch.tensor(ds[v].values) for v in
                     ("init", "omega", "damping", "forcing_amplitude", "forcing_frequency")]
     results, curves = [], {}
     with torch.no_grad():

@@ -1,0 +1,145 @@
+"""The physvae command end to end with tiny settings, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyro_physvae.cli import main
+
+TINY = ["--n-train", "32", "--n-valid", "16", "--n-test", "16", "--n-steps", "20"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "data"
+    assert main(["generate", "--out", str(out), "--seed", "3", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir: Path) -> Path:
+    out = data_dir.parent / "run"
+    code = main(["train", "--data", str(data_dir), "--out", str(out), "--epochs", "3",
+                 "--batch-size", "16", "--quiet", "--threads", "1"])
+    assert code == 0
+    return out
+
+
+def test_generate_writes_three_splits(data_dir: Path) -> None:
+    assert sorted(p.name for p in data_dir.glob("*.nc")) == ["test.nc", "train.nc", "valid.nc"]
+
+
+def test_train_writes_checkpoints_and_history(run_dir: Path) -> None:
+    for name in ("best.pt", "last.pt", "config.json", "history.json"):
+        assert (run_dir / name).is_file(), name
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert json.loads((run_dir / "config.json").read_text())["setting"] == "phys+nn+reg"
+
+
+def test_train_resume_continues(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["train", "--data", str(data_dir), "--out", str(run), "--epochs", "5",
+                 "--batch-size", "16", "--quiet", "--resume"]) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+
+
+def test_evaluate_writes_metrics_and_figures(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run_dir), "--samples", "8", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_sequences"] == 16 and metrics["recon_mse"] > 0
+    assert set(metrics["omega"]) >= {"mae", "corr", "coverage90"}
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    assert (out / "omega.png").stat().st_size > 1000
+    assert '"recon_mse"' in capsys.readouterr().out
+
+
+def test_counterfactual(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cf"
+    assert main(["counterfactual", str(run_dir), "--factors", "0.5,3", "--sequences", "4",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "counterfactual.json").read_text())
+    assert [r["factor"] for r in report["results"]] == [0.5, 3.0]
+    assert all(np.isfinite(r["mse"]) for r in report["results"])
+
+
+def test_import_text(tmp_path: Path) -> None:
+    src = tmp_path / "ref"
+    src.mkdir()
+    x = np.random.default_rng(0).normal(size=(4, 20)) * 0.1
+    np.savetxt(src / "data_train.txt", x)
+    params = np.column_stack([x[:, 0], np.full(4, 1.5), np.zeros(4), np.zeros(4), np.full(4, 4.0)])
+    np.savetxt(src / "true_params_train.txt", params, header="init omega gamma A f", comments="")
+    assert main(["import-text", str(src), "--out", str(tmp_path / "nc"), "--splits", "train"]) == 0
+    from pyro_physvae.data import load_dataset
+
+    ds = load_dataset(tmp_path / "nc" / "train.nc")
+    np.testing.assert_allclose(ds["x"].values, x, rtol=1e-6)
+    np.testing.assert_allclose(ds["omega"].values, 1.5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "{missing}", "--out", "{tmp}/r", "--epochs", "1"], "data file not found"),
+        (["evaluate", "{tmp}/nowhere"], "run directory not found"),
+        (["evaluate", "{corrupt}", "--data", "{bad}"], "cannot read checkpoint"),
+        (["train", "--data", "{bad}", "--out", "{tmp}/r", "--epochs", "1"], "NaN"),
+    ],
+)
+def test_bad_input_gives_clear_error(argv, message, tmp_path: Path, capsys) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "best.pt").write_bytes(b"not a checkpoint at all")
+    bad = tmp_path / "bad"
+    assert main(["generate", "--out", str(bad), *TINY]) == 0
+    import xarray as xr
+
+    ds = xr.load_dataset(bad / "train.nc")
+    ds["x"][2, 5] = np.nan
+    ds.to_netcdf(bad / "train.nc")
+    fill = {"missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "corrupt": str(corrupt),
+            "bad": str(bad)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_argument_errors_exit_nonzero(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "d", "--out", "o", "--setting", "physics-only"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["counterfactual", "run", "--factors", "1,-2"])
+
+
+def test_quickstart_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    import pyro_physvae.cli as cli
+
+    monkeypatch.setattr(cli, "QUICKSTART_SIZES", {"n_train": 40, "n_valid": 20, "n_test": 20})
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    report = (out / "REPORT.md").read_text()
+    assert "omega MAE" in report and "counterfactual" in report.lower()
+    for fig in ("reconstructions.png", "omega.png", "counterfactual.png"):
+        assert (out / "eval" / fig).is_file()
+
+
+def test_example_script_runs(monkeypatch) -> None:
+    path = Path(__file__).parents[1] / "examples" / "pendulum_svi.py"
+    monkeypatch.setattr(sys, "argv", [str(path), "--steps", "30", "--n", "64", "--batch", "32"])
+    result = runpy.run_path(str(path), run_name="not_main")["main"]([
+        "--steps", "30", "--n", "64", "--batch", "32"])
+    assert result["last_loss"] < result["first_loss"]
+    assert np.isfinite(result["omega_mae"])
