@@ -15,9 +15,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
-from pyro_physvae.models.pendulum import PendulumModel
 from torch import Tensor, nn
 
+from pyro_physvae.models.pendulum import PendulumModel
 from pyro_physvae.nets import MLP
 from pyro_physvae.regularizers import guide_deterministic
 

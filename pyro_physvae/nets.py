@@ -103,21 +103,24 @@ class MLP(PyroModule):
             w_x = w_x @ input_map
         offset = F.linear(z, w_z, first.bias)
         layers = [(lin.weight, lin.bias) for lin in self.linears[1:]]
-        if output_map is not None:
-            w_last, b_last = (first.weight, first.bias) if not layers else layers[-1]
-            mapped = (output_map @ w_last, output_map @ b_last)
-            if layers:
-                layers[-1] = mapped
-            else:
-                w_x, offset = output_map @ w_x, F.linear(offset, output_map)
         act = ACTIVATIONS[self.activation]
         final = self.final_activation
+        # A linear output map folds into the last layer unless an activation follows it.
+        post_map = output_map if final else None
+        if output_map is not None and not final:
+            if layers:
+                w_last, b_last = layers[-1]
+                layers[-1] = (output_map @ w_last, output_map @ b_last)
+            else:
+                w_x, offset = output_map @ w_x, F.linear(offset, output_map)
 
         def apply(x: Tensor) -> Tensor:
             x = F.linear(x, w_x) + offset
             for w_i, b_i in layers:
                 x = F.linear(act(x), w_i, b_i)
-            return act(x) if final else x
+            if final:
+                x = act(x)
+            return x if post_map is None else F.linear(x, post_map)
 
         return apply
 

@@ -77,11 +77,16 @@ def integrate(
     if t.numel() == 1:
         ys = y0.unsqueeze(-2)
     else:
-        if method in FIXED_STEP_METHODS:
-            step = float(t[1] - t[0]) / substeps
-            ys = odeint(rhs, y0, t, method=method, options={"step_size": step})
-        else:
-            ys = odeint(rhs, y0, t, method=method, rtol=rtol, atol=atol)
+        try:
+            if method in FIXED_STEP_METHODS:
+                step = float(t[1] - t[0]) / substeps
+                ys = odeint(rhs, y0, t, method=method, options={"step_size": step})
+            else:
+                ys = odeint(rhs, y0, t, method=method, rtol=rtol, atol=atol)
+        except AssertionError as e:  # torchdiffeq's adaptive step control gave up
+            raise IntegrationError(
+                f"the adaptive solver {method!r} failed ({e}); the dynamics are likely blowing up"
+            ) from e
         ys = ys.movedim(0, -2)
     if check_finite and not torch.isfinite(ys).all():
         raise IntegrationError(

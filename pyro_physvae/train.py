@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextmanager
+def _divergence_as_error():
+    """Turn Pyro's rejection of NaN distribution parameters ("found invalid values"), which
+    is how overflowing networks show up, into :class:`TrainingDiverged`."""
+    try:
+        yield
+    except ValueError as e:
+        if "found invalid values" in str(e):
+            raise TrainingDiverged(f"a distribution parameter became NaN ({str(e).splitlines()[0]})") from e
+        raise
+
+
 class SVITrainer:
     """Stochastic variational inference with one fused Adam over all parameters.
 
@@ -155,7 +168,8 @@ class SVITrainer:
         self._ensure_optimizer(params)
 
     def step(self, *args, **kwargs) -> float:
-        value, params = self._params(*args, **kwargs)
+        with _divergence_as_error():
+            value, params = self._params(*args, **kwargs)
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value}")
         self._ensure_optimizer(params)
@@ -167,7 +181,7 @@ class SVITrainer:
     @torch.no_grad()
     def evaluate(self, *args, **kwargs) -> tuple[float, Tensor | None]:
         """Loss estimate (no gradients) and the model's recorded ``x_mean`` of that draw."""
-        with _SiteRecorder() as rec:
+        with _divergence_as_error(), _SiteRecorder() as rec:
             value = self.loss.loss(self.model, self.guide, *args, **kwargs)
         return value, rec.values.get("x_mean")
 

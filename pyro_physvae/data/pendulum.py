@@ -142,7 +142,8 @@ def load_reference_text(directory: str | os.PathLike, split: str, dt: float = 0.
             expected, got = " ".join(TEXT_HEADER), " ".join(header)
             raise ValueError(f"{param_file}: header must be {expected!r}, got {got!r}")
         table = _read_table(param_file, skiprows=1)
-        table = table.reshape(-1, len(TEXT_HEADER)) if table.size else table
+        if table.ndim == 1 and table.size == len(TEXT_HEADER):
+            table = table[None, :]  # a single sequence
         if table.ndim != 2 or table.shape != (x.shape[0], len(TEXT_HEADER)):
             raise ValueError(f"{param_file}: expected {x.shape[0]} rows of {len(TEXT_HEADER)} "
                              f"values (one per sequence), got shape {table.shape}")
