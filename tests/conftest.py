@@ -26,6 +26,16 @@ SMALL_GUIDE = {"hidden_feat": (16,), "feat_dim": 16, "hidden_aux": (16,), "hidde
                "hidden_phys": (16,)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """One intra-op thread: on a loaded two-core machine, two OpenMP threads make small
+    torch operations tens of times slower (threads wait for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
     """Every test starts from the same seed and an empty parameter store."""

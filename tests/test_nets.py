@@ -68,11 +68,6 @@ def test_bind_conditioned_equals_network_of_concatenation(hidden, maps):
     torch.testing.assert_close(f(y), expected)
 
 
-@pytest.mark.xfail(
-    reason="BUG: MLP.bind_conditioned applies the final activation after output_map instead of "
-    "before it (pyro_physvae/nets.py, bind_conditioned: 'return act(x) if final else x')",
-    strict=True,
-)
 def test_bind_conditioned_output_map_with_final_activation():
     net = MLP(2 + 1, (4,), 1, "softplus", final_activation=True)
     randomise(net, seed=2)

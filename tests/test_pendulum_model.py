@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer import Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_physvae.models.pendulum import OMEGA, PendulumModel, pendulum_rhs
 from pyro_physvae.ode import integrate
@@ -74,7 +74,7 @@ def test_sites_shapes_and_plate_scale(setting, pair_factory, small_data):
         assert tuple(site["value"].shape) == expected_shapes[name], name
         # Every site lives in the subsampled data plate, scaled by N / k.
         frames = [f for f in site["cond_indep_stack"] if f.name == "data"]
-        assert len(frames) == 1 and frames[0].size == N and frames[0].dim == -1
+        assert len(frames) == 1 and frames[0].full_size == N and frames[0].size == k and frames[0].dim == -1
         assert site["scale"] == pytest.approx(N / k), name
     for name in DETERMINISTIC & set(msites):
         assert msites[name]["infer"].get("_deterministic"), name
@@ -88,7 +88,12 @@ def test_sites_shapes_and_plate_scale(setting, pair_factory, small_data):
     # The likelihood is a Normal around x_mean with the model's fixed noise.
     fn = msites["x"]["fn"]
     torch.testing.assert_close(fn.base_dist.loc, msites["x_mean"]["value"])
-    assert float(fn.base_dist.scale) == pytest.approx(float(torch.exp(torch.tensor(-4.5))))
+    sigma = float(torch.exp(torch.tensor(-4.5)))
+    torch.testing.assert_close(fn.base_dist.scale, torch.full((k, T), sigma))
+    resid = small_data[:k] - msites["x_mean"]["value"]
+    log_norm = torch.log(torch.tensor(sigma * (2 * torch.pi) ** 0.5))
+    expected_lp = (-0.5 * (resid / sigma) ** 2 - log_norm).sum(-1)
+    torch.testing.assert_close(fn.log_prob(small_data[:k]), expected_lp, rtol=1e-4, atol=1e-2)
 
 
 def test_subsample_selects_rows(pair_factory, small_data):
@@ -154,7 +159,10 @@ def test_decode_matches_naive_right_hand_side(setting_name):
 
     def naive(t, y):
         accel = model.aux1(torch.cat((y, z1), -1))[..., 0]
-        base = pendulum_rhs(y, omega) if has_phys else torch.stack((y[..., 1], torch.zeros_like(y[..., 0])), -1)
+        if has_phys:
+            base = pendulum_rhs(y, omega)
+        else:
+            base = torch.stack((y[..., 1], torch.zeros_like(y[..., 0])), -1)
         return base + torch.stack((torch.zeros_like(accel), accel), -1)
 
     y0 = torch.stack((init, torch.zeros(B)), -1)
@@ -269,7 +277,7 @@ def test_gradient_reaches_in_ode_net_first_layer_after_perturbation(pair_factory
 
 def test_learn_noise_registers_a_parameter(small_data):
     model = PendulumModel("phys-only", n_steps=T, dt=DT, learn_noise=True, x_lnvar=-4.0)
-    assert float(model.noise_scale()) == pytest.approx(float(torch.exp(torch.tensor(-2.0))))
+    assert float(model.noise_scale().detach()) == pytest.approx(float(torch.exp(torch.tensor(-2.0))))
     with poutine.trace(param_only=True) as tr:
         poutine.trace(model).get_trace(small_data)
     assert any(name.endswith("x_lnvar") for name in tr.trace.nodes)
@@ -322,3 +330,20 @@ def test_pyro_sample_in_model_is_reproducible(pair_factory, small_data):
     pyro.set_rng_seed(11)
     b = model(None, init=small_data[:, 0])
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [TraceMeanField_ELBO(num_particles=3, vectorize_particles=True), RenyiELBO(num_particles=2),
+     Trace_ELBO(num_particles=2)],
+    ids=["meanfield-vec3", "renyi", "trace-seq2"],
+)
+def test_regularized_loss_with_particles_on_the_pendulum(elbo, pair_factory, small_data):
+    model, guide = pair_factory("phys+nn+reg", n_steps=T, dt=DT)
+    randomise(model.aux2, seed=7, std=0.1)
+    loss = PhysVAELoss(elbo, phys_vae_regularizers(1.0, 1.0, 1.0))
+    value = loss.loss_and_grads(model, guide, small_data, subsample=torch.arange(4))
+    assert torch.isfinite(torch.tensor(value))
+    assert set(loss.last_terms) == {"ppc", "augment", "unmix"}
+    assert loss.last_terms["ppc"] > 0
+    assert model.aux2.linears[-1].weight.grad.abs().sum() > 0

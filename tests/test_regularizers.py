@@ -1,0 +1,355 @@
+"""The Phys-VAE regularizers on hand-computed cases, and PhysVAELoss around Pyro's ELBOs."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+
+from pyro_physvae.regularizers import (
+    REGULARIZER_SITE,
+    PhysicsAugmentation,
+    PhysVAELoss,
+    PosteriorPredictiveCheck,
+    Unmixing,
+    guide_deterministic,
+    phys_vae_regularizers,
+    squared_distance,
+)
+
+N, T = 4, 3
+
+
+# --------------------------------------------------------------------------------------
+# The regularizers as functions of recorded sites
+# --------------------------------------------------------------------------------------
+def const(value: float, batch: int = 2) -> torch.Tensor:
+    return torch.full((batch, T), float(value))
+
+
+def test_squared_distance():
+    a = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    torch.testing.assert_close(squared_distance(a, b), torch.tensor([5.0, 25.0]))
+    torch.testing.assert_close(squared_distance(a, b, event_dim=2), torch.tensor(30.0))
+    torch.testing.assert_close(squared_distance(a, b, event_dim=0), (a - b) ** 2)
+
+
+def test_posterior_predictive_check_hand_computed():
+    sites = {"x_P": const(0), "x_PA": const(1), "x_PB": const(2), "x_mean": const(4)}
+    r = PosteriorPredictiveCheck(weight=1.0)(None, None, sites)
+    # 0.25 * T * (1 + 4 + 9 + 4)
+    torch.testing.assert_close(r, torch.full((2,), 0.25 * T * 18))
+    # Per data point: different rows give different values.
+    sites["x_mean"] = torch.stack((torch.full((T,), 4.0), torch.full((T,), 1.0)))
+    r = PosteriorPredictiveCheck(weight=1.0)(None, None, sites)
+    torch.testing.assert_close(r, torch.tensor([0.25 * T * 18, 0.25 * T * (1 + 4 + 0 + 1)]))
+
+
+def test_posterior_predictive_check_without_in_ode_net():
+    sites = {"x_P": const(1), "x_PB": const(3), "x_mean": const(3)}
+    r = PosteriorPredictiveCheck(weight=0.5)(None, None, sites)
+    torch.testing.assert_close(r, torch.full((2,), 4.0 * T))
+
+
+def test_posterior_predictive_check_with_sample_dims():
+    sites = {"x_P": torch.zeros(5, 2, T), "x_PB": torch.ones(5, 2, T), "x_mean": torch.ones(5, 2, T)}
+    r = PosteriorPredictiveCheck(weight=1.0)(None, None, sites)
+    assert r.shape == (5, 2)
+    torch.testing.assert_close(r, torch.full((5, 2), float(T)))
+
+
+def test_unmixing_hand_computed_and_stop_gradient():
+    x_p = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
+    unmixed = torch.tensor([[1.0, 1.0, 0.0]], requires_grad=True)
+    r = Unmixing(weight=1.0)(None, None, {"unmixed": unmixed, "x_P": x_p})
+    torch.testing.assert_close(r, torch.tensor([5.0]))
+    r.sum().backward()
+    torch.testing.assert_close(unmixed.grad, 2 * (unmixed - x_p).detach())
+    assert x_p.grad is None  # stop-gradient on the physics output
+
+
+class FakeAugModel:
+    """Returns fixed 'true' parameters and a simulated signal."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def simulate_augmentation(self, init):
+        self.calls += 1
+        truth = {"a": torch.full(init.shape, 2.0), "b": init * 10}
+        return truth, torch.stack((init, init), -1)
+
+
+class FakeAugGuide:
+    def __init__(self) -> None:
+        self.w = torch.tensor(3.0, requires_grad=True)
+
+    def physics_mean(self, x):
+        return {"a": self.w * x[..., 0], "b": x[..., 1]}
+
+
+def test_physics_augmentation_hand_computed():
+    model, guide = FakeAugModel(), FakeAugGuide()
+    init = torch.tensor([1.0, -1.0, 0.0])
+    r = PhysicsAugmentation(weight=1.0)(model, guide, {"init": init})
+    # a: (3*init - 2)^2 = [1, 25, 4]; b: (init - 10 init)^2 = [81, 81, 0]
+    torch.testing.assert_close(r, torch.tensor([82.0, 106.0, 4.0]))
+    assert model.calls == 1
+    r.sum().backward()
+    # d/dw sum (w*init - 2)^2 = sum 2 (w init - 2) init = 2*(1*1 + (-5)*(-1) + 0) = 12
+    torch.testing.assert_close(guide.w.grad, torch.tensor(12.0))
+
+
+def test_physics_augmentation_needs_model_and_guide_methods():
+    reg = PhysicsAugmentation(weight=1.0)
+    sites = {"init": torch.zeros(2)}
+    with pytest.raises(TypeError, match=r"physics_mean\(\)"):
+        reg(FakeAugModel(), lambda *a, **k: None, sites)
+    with pytest.raises(TypeError, match=r"simulate_augmentation\(\)"):
+        reg(object(), FakeAugGuide(), sites)
+
+
+@pytest.mark.parametrize(
+    ("reg", "sites", "missing"),
+    [
+        (PosteriorPredictiveCheck(1.0), {"x_P": const(0), "x_mean": const(0)}, "x_PB"),
+        (Unmixing(1.0), {"x_P": const(0)}, "unmixed"),
+        (Unmixing(1.0), {"unmixed": const(0)}, "x_P"),
+        (PhysicsAugmentation(1.0), {"x_P": const(0)}, "init"),
+    ],
+)
+def test_missing_sites_raise(reg, sites, missing):
+    with pytest.raises(ValueError, match=f"needs the sites .*'{missing}'"):
+        reg(FakeAugModel(), FakeAugGuide(), sites)
+
+
+def test_phys_vae_regularizers_weights_and_order():
+    regs = phys_vae_regularizers(0.1, 0.2, 0.3)
+    assert [(type(r), r.name, r.weight) for r in regs] == [
+        (PosteriorPredictiveCheck, "ppc", 0.1),
+        (PhysicsAugmentation, "augment", 0.2),
+        (Unmixing, "unmix", 0.3),
+    ]
+    assert [r.name for r in phys_vae_regularizers(0.0, 1.0, 0.0)] == ["augment"]
+    assert phys_vae_regularizers(0.0, 0.0, 0.0) == []
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan")])
+def test_invalid_weight(weight):
+    with pytest.raises(ValueError, match="weight >= 0"):
+        PhysVAELoss(Trace_ELBO(), [Unmixing(weight)])
+
+
+def test_duplicate_names():
+    with pytest.raises(ValueError, match="unique"):
+        PhysVAELoss(Trace_ELBO(), [Unmixing(1.0), Unmixing(2.0)])
+    # Two terms of the same kind are fine under different names.
+    PhysVAELoss(Trace_ELBO(), [Unmixing(1.0), Unmixing(2.0, name="unmix2")])
+
+
+def test_repr_and_settings_passthrough():
+    elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=True)
+    loss = PhysVAELoss(elbo, [PosteriorPredictiveCheck(0.5), Unmixing(2.0)])
+    assert repr(loss) == "PhysVAELoss(TraceMeanField_ELBO, [ppc=0.5, unmix=2])"
+    assert loss.num_particles == 3 and loss.vectorize_particles
+    assert isinstance(PhysVAELoss().elbo, Trace_ELBO)
+
+
+# --------------------------------------------------------------------------------------
+# PhysVAELoss on a deterministic model/guide pair, where the ELBO is known in closed form
+# --------------------------------------------------------------------------------------
+X = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, -1.0], [0.5, 0.5, 0.5], [-0.2, 0.4, 0.0]])
+MU = torch.tensor([0.3, -0.5, 1.0, 0.0])  # the guide's point mass for z
+
+
+def curves(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    ramp = torch.arange(T, dtype=torch.float32)
+    zc = z.unsqueeze(-1)
+    return {"x_P": zc * ramp, "x_PA": zc * ramp + 1.0, "x_PB": zc * ramp - 0.5, "x_mean": zc + ramp}
+
+
+class ToyModel:
+    """z ~ N(0, 1) per datum; x ~ N(x_mean(z), 1); records the Phys-VAE sites."""
+
+    def __call__(self, x, subsample=None):
+        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+            pyro.deterministic("init", x[idx, 0], event_dim=0)
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            c = curves(z)
+            for name, value in c.items():
+                pyro.deterministic(name, value, event_dim=1)
+            pyro.sample("x", dist.Normal(c["x_mean"], 1.0).to_event(1), obs=x[idx])
+
+    def simulate_augmentation(self, init):
+        return {"omega": 2.0 * init}, init.unsqueeze(-1).expand(*init.shape, T)
+
+
+class ToyGuide:
+    """z is a point mass at MU (log q = 0); records an 'unmixed' signal."""
+
+    def __call__(self, x, subsample=None):
+        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+            guide_deterministic("unmixed", x[idx] * 2.0, event_dim=1)
+            pyro.sample("z", dist.Delta(MU[idx]))
+
+    def physics_mean(self, x):
+        return {"omega": x.mean(-1)}
+
+
+def plain_loss(idx: torch.Tensor) -> float:
+    """-ELBO for the rows idx, scaled by N / B, in closed form."""
+    z = MU[idx]
+    lp = dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(curves(z)["x_mean"], 1.0).log_prob(X[idx]).sum(-1)
+    return float(-(N / len(idx)) * lp.sum())
+
+
+def hand_regularizers(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    z = MU[idx]
+    c = curves(z)
+    sq = lambda a, b: ((a - b) ** 2).sum(-1)  # noqa: E731
+    ppc = 0.25 * (sq(c["x_PA"], c["x_P"]) + sq(c["x_PB"], c["x_P"]) + sq(c["x_mean"], c["x_PA"])
+                  + sq(c["x_mean"], c["x_PB"]))
+    unmix = sq(X[idx] * 2.0, c["x_P"])
+    init = X[idx, 0]
+    augment = (init - 2.0 * init) ** 2
+    return {"ppc": ppc, "unmix": unmix, "augment": augment}
+
+
+WEIGHTS = {"ppc": 0.5, "augment": 2.0, "unmix": 0.25}
+
+
+def all_regs():
+    return phys_vae_regularizers(WEIGHTS["ppc"], WEIGHTS["augment"], WEIGHTS["unmix"])
+
+
+def expected_total(idx: torch.Tensor) -> float:
+    regs = hand_regularizers(idx)
+    penalty = sum(WEIGHTS[k] * v.sum() for k, v in regs.items())
+    return plain_loss(idx) + float(N / len(idx) * penalty)
+
+
+@pytest.mark.parametrize("subsample", [None, torch.tensor([0, 2])])
+def test_plain_elbo_matches_closed_form(subsample):
+    idx = torch.arange(N) if subsample is None else subsample
+    value = Trace_ELBO().loss(ToyModel(), ToyGuide(), X, subsample=subsample)
+    assert value == pytest.approx(plain_loss(idx), rel=1e-5)
+
+
+@pytest.mark.parametrize("subsample", [None, torch.tensor([0, 2]), torch.tensor([3])])
+def test_loss_is_elbo_plus_weighted_regularizers(subsample):
+    idx = torch.arange(N) if subsample is None else subsample
+    loss = PhysVAELoss(Trace_ELBO(), all_regs())
+    value = loss.loss(ToyModel(), ToyGuide(), X, subsample=subsample)
+    assert value == pytest.approx(expected_total(idx), rel=1e-5)
+    # Regularizers changed the loss by a clearly non-zero amount.
+    assert abs(value - plain_loss(idx)) > 1.0
+    regs = hand_regularizers(idx)
+    for name, v in regs.items():
+        assert loss.last_terms[name] == pytest.approx(float(v.mean()), rel=1e-5)
+
+
+def test_factor_site_holds_the_weighted_sum():
+    loss = PhysVAELoss(Trace_ELBO(), all_regs())
+    idx = torch.tensor([1, 3])
+    model_tr, guide_tr = loss._get_trace(ToyModel(), ToyGuide(), (X,), {"subsample": idx})
+    site = model_tr.nodes[REGULARIZER_SITE]
+    penalty = sum(WEIGHTS[k] * v.sum() for k, v in hand_regularizers(idx).items())
+    assert float(site["fn"].log_prob(site["value"]).sum()) == pytest.approx(-float(N / 2 * penalty), rel=1e-5)
+    assert REGULARIZER_SITE not in guide_tr.nodes
+
+
+def test_no_regularizers_is_the_plain_elbo():
+    loss = PhysVAELoss(Trace_ELBO(), [])
+    assert loss.loss(ToyModel(), ToyGuide(), X) == pytest.approx(plain_loss(torch.arange(N)), rel=1e-6)
+
+
+def test_models_used_alone_carry_no_regularizer_site():
+    loss = PhysVAELoss(Trace_ELBO(), all_regs())
+    loss.loss(ToyModel(), ToyGuide(), X)
+    tr = poutine.trace(ToyModel()).get_trace(X)
+    assert REGULARIZER_SITE not in tr.nodes
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [
+        Trace_ELBO(),
+        TraceMeanField_ELBO(),
+        RenyiELBO(alpha=0.5, num_particles=2),
+        Trace_ELBO(num_particles=3, vectorize_particles=True),
+        TraceMeanField_ELBO(num_particles=3, vectorize_particles=True),
+        Trace_ELBO(num_particles=3),
+    ],
+    ids=["trace", "meanfield", "renyi", "trace-vec3", "meanfield-vec3", "trace-seq3"],
+)
+def test_works_with_pyro_elbos(elbo):
+    idx = torch.tensor([0, 1, 3])
+    loss = PhysVAELoss(elbo, all_regs())
+    value = loss.loss(ToyModel(), ToyGuide(), X, subsample=idx)
+    # Deterministic guide: every particle gives the same value, so all ELBOs agree.
+    assert value == pytest.approx(expected_total(idx), rel=1e-5)
+    assert loss.loss_and_grads(ToyModel(), ToyGuide(), X, subsample=idx) == pytest.approx(
+        expected_total(idx), rel=1e-5)
+    if hasattr(elbo, "differentiable_loss"):  # RenyiELBO has none
+        diff = loss.differentiable_loss(ToyModel(), ToyGuide(), X, subsample=idx)
+        assert float(diff) == pytest.approx(expected_total(idx), rel=1e-5)
+
+
+def test_missing_guide_site_inside_the_loss():
+    def guide_without_unmixed(x, subsample=None):
+        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+            pyro.sample("z", dist.Delta(MU[idx]))
+
+    with pytest.raises(ValueError, match="'unmixed'"):
+        PhysVAELoss(Trace_ELBO(), [Unmixing(1.0)]).loss(ToyModel(), guide_without_unmixed, X)
+    with pytest.raises(TypeError, match="physics_mean"):
+        PhysVAELoss(Trace_ELBO(), [PhysicsAugmentation(1.0)]).loss(ToyModel(), guide_without_unmixed, X)
+
+
+# --------------------------------------------------------------------------------------
+# Optimisation: the penalty reaches the gradients, with pyro's SVI and pyro.optim.Adam
+# --------------------------------------------------------------------------------------
+def shift_model(x, subsample=None):
+    c = pyro.param("c", torch.tensor(0.0))
+    with pyro.plate("data", x.shape[0], subsample=subsample):
+        x_p = torch.zeros_like(x)
+        x_pb = x_p + c
+        pyro.deterministic("x_P", x_p, event_dim=1)
+        pyro.deterministic("x_PB", x_pb, event_dim=1)
+        pyro.deterministic("x_mean", x_pb, event_dim=1)
+        pyro.sample("x", dist.Normal(x_pb, 1.0).to_event(1), obs=x)
+
+
+def empty_guide(x, subsample=None):
+    pass
+
+
+@pytest.mark.parametrize(("weight", "optimum"), [(0.0, 1.0), (0.5, 0.5), (1.5, 0.25)])
+def test_svi_with_adam_reaches_the_regularized_optimum(weight, optimum):
+    # Per datum: 0.5 T (c - 1)^2 + weight T c^2, minimised at c = 1 / (1 + 2 weight).
+    x = torch.ones(6, T)
+    loss = PhysVAELoss(Trace_ELBO(), [PosteriorPredictiveCheck(weight)])
+    svi = SVI(shift_model, empty_guide, Adam({"lr": 0.05}), loss=loss)
+    for _ in range(300):
+        svi.step(x)
+    assert float(pyro.param("c").detach()) == pytest.approx(optimum, abs=0.02)
+
+
+def test_loss_and_grads_gradient_matches_closed_form():
+    x = torch.ones(6, T)
+    w = 0.5
+    loss = PhysVAELoss(Trace_ELBO(), [PosteriorPredictiveCheck(w)])
+    pyro.param("c", torch.tensor(0.2))
+    with poutine.trace(param_only=True) as tr:
+        loss.loss_and_grads(shift_model, empty_guide, x)
+    c = tr.trace.nodes["c"]["value"].unconstrained()
+    # d/dc sum_n [0.5 T (c - 1)^2 + w T c^2] = 6 T ((c - 1) + 2 w c)
+    expected = 6 * T * ((0.2 - 1.0) + 2 * w * 0.2)
+    assert math.isclose(float(c.grad), expected, rel_tol=1e-5)
