@@ -181,7 +181,7 @@ class PendulumModel(PyroModule):
             residual = self.aux2(torch.cat((omega.unsqueeze(-1), z_aux1, z_aux2), -1))
             return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
         if s.has_physics:
-            x_p = self._solve(lambda t, y: pendulum_rhs(y, omega), y0)[..., 0]
+            x_p = self.physics_only(init, omega, clamp=False)  # omega is clamped above
             return {"x_P": x_p, "x_mean": x_p}
         net = self.aux1.bind_conditioned(z_aux1, output_map=self.into_accel2)
         vel_to_pos = self.vel_to_pos2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +26,6 @@ class System:
         train_defaults: reference epochs and batch size.
         generate: ``generate(seed=..., **sizes) -> {split: Dataset}``.
         model_kwargs_from_data: model size arguments read off a data set (length, dt, ...).
-        truth_params: names of the true physics parameters stored in synthetic data sets.
     """
 
     name: str
@@ -36,8 +35,6 @@ class System:
     train_defaults: dict[str, int]
     generate: Callable[..., dict[str, xr.Dataset]]
     model_kwargs_from_data: Callable[[xr.Dataset], dict[str, Any]]
-    truth_params: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def build(self, setting: str | Setting, model_kwargs: dict | None = None,
               guide_kwargs: dict | None = None) -> tuple[PyroModule, PyroModule]:
@@ -68,7 +65,6 @@ def _pendulum() -> System:
         train_defaults={"epochs": 5000, "batch_size": 200},
         generate=generate,
         model_kwargs_from_data=model_kwargs,
-        truth_params=("omega",),
     )
 
 
