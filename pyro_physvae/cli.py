@@ -112,7 +112,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         save_dataset(ds, data_dir / f"{split}.nc")
     print(f"[2/4] training phys+nn+reg for {args.epochs} epochs in {run_dir}")
     train(system, "phys+nn+reg", data_dir, run_dir,
-          TrainConfig(epochs=args.epochs, batch_size=100, seed=args.seed, device=args.device),
+          TrainConfig(epochs=args.epochs, batch_size=100, seed=args.seed, device=args.device,
+                      threads=args.threads),
           progress=not args.quiet)
     print("[3/4] evaluating on the test split")
     metrics = evaluate(run_dir, data_dir, split="test", num_samples=100, out_dir=out / "eval")
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=_positive_int, default=QUICKSTART_EPOCHS)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu")
+    q.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (these small networks run fastest on one)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)
     return p
