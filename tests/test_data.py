@@ -143,7 +143,9 @@ def test_make_dataset_checks():
 def test_system_registry():
     assert SYSTEMS == ("pendulum",)
     system = get_system("pendulum")
-    assert system.truth_params == ("omega",)
+    model, guide = system.build("phys-only", {"n_steps": 7, "dt": 0.2})
+    assert [p.name for p in model.physics_parameters] == ["omega"]
+    assert guide.setting == model.setting
     with pytest.raises(ValueError, match="unknown system 'spring'.*pendulum"):
         get_system("spring")
     ds = make_dataset(np.ones((2, 7)), 0.2)
