@@ -154,19 +154,18 @@ class PendulumModel(PyroModule):
             physics ``x_P``; with physics and nets also ``x_PA`` and ``x_PB``.
         """
         s = self.setting
+        if not s.has_nn:
+            x_p = self.physics_only(init, omega, clamp=clamp)
+            return {"x_P": x_p, "x_mean": x_p}
         if s.has_physics:
             omega = self.omega.clamp(omega) if clamp else omega
-            batch = omega.shape
-        else:
-            batch = z_aux1.shape[:-1]
-        y0 = torch.stack((init.expand(batch), torch.zeros(batch, dtype=init.dtype,
-                                                           device=init.device)), -1)
+        y0 = _initial_state(init, omega.shape if s.has_physics else z_aux1.shape[:-1])
 
         if s.has_physics and s.has_nn:
             net = self.aux1.bind_conditioned(z_aux1, self.select_pa, self.into_accel_pa)
             vel_to_pos = self.vel_to_pos4
             pos_to_accel = self.pos_to_accel4
-            coef = F.pad(-omega.pow(2).unsqueeze(-1).expand(*batch, 2), (2, 0))
+            coef = F.pad(-omega.pow(2).unsqueeze(-1).expand(*omega.shape, 2), (2, 0))
 
             # Physics-only and physics+net dynamics in one solve. State (..., B, 4) =
             # (theta_P, theta_PA, dtheta_P, dtheta_PA); the net reads (theta_PA, dtheta_PA)
@@ -180,9 +179,6 @@ class PendulumModel(PyroModule):
             x_p, x_pa = ys[..., 0], ys[..., 1]
             residual = self.aux2(torch.cat((omega.unsqueeze(-1), z_aux1, z_aux2), -1))
             return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
-        if s.has_physics:
-            x_p = self.physics_only(init, omega, clamp=False)  # omega is clamped above
-            return {"x_P": x_p, "x_mean": x_p}
         net = self.aux1.bind_conditioned(z_aux1, output_map=self.into_accel2)
         vel_to_pos = self.vel_to_pos2
 
@@ -198,7 +194,7 @@ class PendulumModel(PyroModule):
     def physics_only(self, init: Tensor, omega: Tensor, *, clamp: bool = True) -> Tensor:
         """Physics-only angle curves ``(..., B, T)`` for angles ``init`` and ``omega``."""
         omega = self.omega.clamp(omega) if clamp else omega
-        y0 = torch.stack((init.expand(omega.shape), torch.zeros_like(omega)), -1)
+        y0 = _initial_state(init, omega.shape)
         return self._solve(lambda t, y: pendulum_rhs(y, omega), y0)[..., 0]
 
     def simulate_augmentation(self, init: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -259,6 +255,12 @@ class PendulumModel(PyroModule):
             obs_dist = dist.Normal(curves["x_mean"], self.noise_scale()).to_event(1)
             pyro.sample("x", obs_dist, obs=x_b)
         return curves["x_mean"]
+
+
+def _initial_state(init: Tensor, batch: torch.Size) -> Tensor:
+    """State ``(..., B, 2)`` = (angle ``init`` broadcast to ``batch``, zero velocity)."""
+    angle = init.expand(batch)
+    return torch.stack((angle, torch.zeros_like(angle)), -1)
 
 
 def _std_normal(dim: int, like: Tensor) -> dist.Distribution:

@@ -279,21 +279,18 @@ def test_reference_text_missing_file(tmp_path):
         load_reference_text(tmp_path, "train")
 
 
-def test_reference_text_nan(tmp_path):
-    (tmp_path / "data_train.txt").write_text("0.1 0.2 nan\n0.3 0.4 0.5\n")
-    with pytest.raises(ValueError, match="data_train.txt.*NaN"):
-        load_reference_text(tmp_path, "train")
-
-
-def test_reference_text_ragged_rows(tmp_path):
-    (tmp_path / "data_train.txt").write_text("0.1 0.2 0.3\n0.3 0.4\n")
-    with pytest.raises(ValueError, match="data_train.txt: not a whitespace-separated table"):
-        load_reference_text(tmp_path, "train")
-
-
-def test_reference_text_not_numbers(tmp_path):
-    (tmp_path / "data_train.txt").write_text("a b c\n")
-    with pytest.raises(ValueError, match="data_train.txt"):
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("0.1 0.2 nan\n0.3 0.4 0.5\n", "data_train.txt.*NaN"),
+        ("0.1 0.2 0.3\n0.3 0.4\n", "data_train.txt: not a whitespace-separated table"),
+        ("a b c\n", "data_train.txt"),
+    ],
+    ids=["nan", "ragged-rows", "not-numbers"],
+)
+def test_reference_text_bad_data_file(tmp_path, content, match):
+    (tmp_path / "data_train.txt").write_text(content)
+    with pytest.raises(ValueError, match=match):
         load_reference_text(tmp_path, "train")
 
 

@@ -29,9 +29,7 @@ from pyro_physvae.settings import SETTINGS  # noqa: E402
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    out = Path(args[args.index("--out") + 1]) if "--out" in args else Path(__file__).parent / "out"
-    train_all(args)
+    out = Path(train_all(sys.argv[1:]).out)
     rows = []
     for setting in SETTINGS:
         run = out / setting

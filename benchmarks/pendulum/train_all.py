@@ -38,7 +38,8 @@ def train_one(setting: str, data_dir: str, out: str, config: dict) -> str:
     return setting
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> argparse.Namespace:
+    """Train what is missing; return the parsed arguments."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(Path(__file__).parent / "out"))
     p.add_argument("--epochs", type=int, default=5000)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         for f in futures:
             print("trained", f.result(), flush=True)
     (out / "train_args.json").write_text(json.dumps(vars(args), indent=2))
+    return args
 
 
 if __name__ == "__main__":
