@@ -45,9 +45,12 @@ class GaussianHead(PyroModule):
 class PendulumGuide(PyroModule):
     """Amortized encoder guide for a given :class:`PendulumModel`.
 
+    The default sizes are the reference ones: one feature extractor per latent group
+    (``z_A1``, ``z_A2``, and omega after unmixing), each ``T -> hidden_feat -> feat_dim``.
+
     Args:
         model: the model whose latents this guide covers (its setting and sizes are used).
-        hidden_feat: hidden widths of the feature extractor MLP; ``feat_dim`` its output size.
+        hidden_feat: hidden widths of the feature extractor MLPs; ``feat_dim`` their output size.
         hidden_aux: hidden widths of the z_A heads.
         hidden_unmixer: hidden widths of the unmixer.
         hidden_phys: hidden widths of the physics encoder (on ``feat_dim`` physics features).
@@ -57,11 +60,11 @@ class PendulumGuide(PyroModule):
         self,
         model: PendulumModel,
         *,
-        hidden_feat: Sequence[int] = (128,),
-        feat_dim: int = 128,
-        hidden_aux: Sequence[int] = (64,),
-        hidden_unmixer: Sequence[int] = (128,),
-        hidden_phys: Sequence[int] = (64,),
+        hidden_feat: Sequence[int] = (128, 128),
+        feat_dim: int = 256,
+        hidden_aux: Sequence[int] = (64, 32),
+        hidden_unmixer: Sequence[int] = (128, 128),
+        hidden_phys: Sequence[int] = (64, 32),
         activation: str = "elu",
     ) -> None:
         super().__init__(name="pendulum_guide")
@@ -69,15 +72,20 @@ class PendulumGuide(PyroModule):
         self.n_steps = model.n_steps
         self.dim_z_aux1, self.dim_z_aux2 = model.dim_z_aux1, model.dim_z_aux2
         T = model.n_steps
+
+        def features() -> MLP:
+            return MLP(T, hidden_feat, feat_dim, activation, final_activation=True)
+
         if self.setting.has_nn:
-            self.features = MLP(T, hidden_feat, feat_dim, activation, final_activation=True)
-            self.aux1 = GaussianHead(feat_dim, hidden_aux, self.dim_z_aux1, activation)
-            self.aux2 = GaussianHead(feat_dim, hidden_aux, self.dim_z_aux2, activation)
+            self.aux1 = PyroModule[nn.Sequential](
+                features(), GaussianHead(feat_dim, hidden_aux, self.dim_z_aux1, activation))
+            self.aux2 = PyroModule[nn.Sequential](
+                features(), GaussianHead(feat_dim, hidden_aux, self.dim_z_aux2, activation))
         if self.setting.has_physics:
             if self.setting.has_nn:
                 dim_in = T + self.dim_z_aux1 + self.dim_z_aux2
                 self.unmixer = MLP(dim_in, hidden_unmixer, T, activation, zero_last=True)
-            self.phys_features = MLP(T, hidden_feat, feat_dim, activation, final_activation=True)
+            self.phys_features = features()
             self.omega_head = GaussianHead(feat_dim, hidden_phys, 1, activation, positive=True)
 
     def omega_posterior(self, signal: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,7 +98,9 @@ class PendulumGuide(PyroModule):
         return {"omega": self.omega_posterior(x)[0]}
 
     def unmix(self, x: Tensor, z_aux1: Tensor, z_aux2: Tensor) -> Tensor:
-        """Remove the learnt non-physics part: ``(..., B, T)`` from ``x (B, T)`` and latents."""
+        """Remove the learnt non-physics part: ``(..., B, T)`` from ``x (B, T)`` and the
+        latents (the guide passes their posterior means, as the reference does, so that the
+        omega encoder does not see their sampling noise)."""
         x = x.expand(z_aux1.shape[:-1] + x.shape[-1:])
         return x - self.unmixer(torch.cat((x, z_aux1, z_aux2), -1))
 
@@ -115,13 +125,11 @@ class PendulumGuide(PyroModule):
             x_b = x[idx]
             signal = x_b
             if s.has_nn:
-                h = self.features(x_b)
-                out["z_A1"] = pyro.sample("z_A1", dist.Normal(*self.aux1(h)).to_event(1))
-                out["z_A2"] = pyro.sample("z_A2", dist.Normal(*self.aux2(h)).to_event(1))
+                q1, q2 = self.aux1(x_b), self.aux2(x_b)
+                out["z_A1"] = pyro.sample("z_A1", dist.Normal(*q1).to_event(1))
+                out["z_A2"] = pyro.sample("z_A2", dist.Normal(*q2).to_event(1))
             if s.has_physics:
                 if s.has_nn:
-                    signal = guide_deterministic(
-                        "unmixed", self.unmix(x_b, out["z_A1"], out["z_A2"]), event_dim=1
-                    )
+                    signal = guide_deterministic("unmixed", self.unmix(x_b, q1[0], q2[0]), event_dim=1)
                 out["omega"] = pyro.sample("omega", dist.Normal(*self.omega_posterior(signal)))
         return out

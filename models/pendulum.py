@@ -8,11 +8,13 @@ Data come from the forced damped pendulum
 ``theta'' = -omega^2 sin(theta) - xi theta' + A omega^2 cos(2 pi f t)``; the damping and the
 forcing are left to two neural parts driven by auxiliary latents:
 
-* ``z_A1`` enters an MLP that adds an acceleration term *inside* the ODE;
+* ``z_A1`` enters an MLP of (angle, velocity, time) that adds an acceleration term *inside*
+  the ODE;
 * ``z_A2`` (with ``omega`` and ``z_A1``) enters an MLP that adds a residual curve *outside*
   the ODE.
 
-The observed angle series is ``x ~ Normal(x_mean, sigma)`` with ``log sigma^2 = -9`` by default.
+The observed angle series is ``x ~ Normal(x_mean, sigma)`` with ``log sigma^2 = -9 - log 2`` by
+default (the reference objective; see ``x_lnvar`` below).
 The initial angle is taken from the data (its first sample), the initial velocity is zero.
 
 Sample sites (all inside the ``data`` plate, dim -1):
@@ -22,6 +24,7 @@ Deterministic sites: ``init`` (initial angle), ``x_P``, ``x_PA``, ``x_PB``, ``x_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pyro
@@ -37,6 +40,7 @@ from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.settings import Setting
 from pyro_physvae.validation import check_sequences
 
+X_LNVAR = -9.0 - math.log(2.0)
 OMEGA = PhysicalParameter(
     "omega", 0.392, 3.53, unit="rad/s", description="angular frequency of the free pendulum"
 )
@@ -70,7 +74,11 @@ class PendulumModel(PyroModule):
         dim_z_aux1, dim_z_aux2: sizes of the auxiliary latents. ``nn-only`` has no ``omega``;
             its ``z_A1`` gets one extra dimension so that its latent size matches.
         hidden_aux1, hidden_aux2: hidden layer widths of the in-ODE and out-of-ODE nets.
-        x_lnvar: log variance of the observation noise.
+        time_input: the in-ODE net also reads the time t (it can then represent a forcing).
+        x_lnvar: log variance of the observation noise. The default, ``-9 - log 2``, makes
+            the ELBO the reference implementation's objective: that one adds the squared
+            error to ``exp(-9)`` times the KL divergence, which is the negative ELBO (times
+            ``2 sigma^2``) of a Gaussian likelihood with ``sigma^2 = exp(-9) / 2``.
         learn_noise: learn ``x_lnvar`` instead of fixing it.
         method, substeps: ODE solver (see :mod:`pyro_physvae.ode`) and sub-steps per dt.
         omega: range (and hence prior) of the physics parameter.
@@ -84,10 +92,11 @@ class PendulumModel(PyroModule):
         dt: float = 0.05,
         dim_z_aux1: int = 1,
         dim_z_aux2: int = 2,
-        hidden_aux1: Sequence[int] = (64,),
+        hidden_aux1: Sequence[int] = (64, 64),
         hidden_aux2: Sequence[int] = (128, 128),
+        time_input: bool = True,
         activation: str = "elu",
-        x_lnvar: float = -9.0,
+        x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
         method: str = "euler",
         substeps: int = 1,
@@ -106,8 +115,10 @@ class PendulumModel(PyroModule):
         self.omega = omega
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
         self.dim_z_aux2 = dim_z_aux2
+        self.time_input = bool(time_input)
         if self.setting.has_nn:
-            self.aux1 = MLP(2 + self.dim_z_aux1, hidden_aux1, 1, activation, zero_last=True)
+            self.aux1 = MLP(2 + int(time_input) + self.dim_z_aux1, hidden_aux1, 1, activation,
+                            zero_last=True)
             dim_in = int(self.setting.has_physics) + self.dim_z_aux1 + self.dim_z_aux2
             self.aux2 = MLP(dim_in, hidden_aux2, self.n_steps, activation, zero_last=True)
         lnvar = torch.tensor(float(x_lnvar))
@@ -162,7 +173,7 @@ class PendulumModel(PyroModule):
         y0 = _initial_state(init, omega.shape if s.has_physics else z_aux1.shape[:-1])
 
         if s.has_physics and s.has_nn:
-            net = self.aux1.bind_conditioned(z_aux1, self.select_pa, self.into_accel_pa)
+            net = self._in_ode_net(z_aux1, self.select_pa, self.into_accel_pa)
             vel_to_pos = self.vel_to_pos4
             pos_to_accel = self.pos_to_accel4
             coef = F.pad(-omega.pow(2).unsqueeze(-1).expand(*omega.shape, 2), (2, 0))
@@ -173,20 +184,25 @@ class PendulumModel(PyroModule):
             # because per-operation overhead, not arithmetic, dominates at these sizes.
             def rhs(t: Tensor, y: Tensor) -> Tensor:
                 sin_theta = torch.sin(F.linear(y, pos_to_accel))
-                return F.linear(y, vel_to_pos) + coef * sin_theta + net(y)
+                return F.linear(y, vel_to_pos) + coef * sin_theta + net(t, y)
 
             ys = self._solve(rhs, y0[..., (0, 0, 1, 1)])
             x_p, x_pa = ys[..., 0], ys[..., 1]
             residual = self.aux2(torch.cat((omega.unsqueeze(-1), z_aux1, z_aux2), -1))
             return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
-        net = self.aux1.bind_conditioned(z_aux1, output_map=self.into_accel2)
+        net = self._in_ode_net(z_aux1, None, self.into_accel2)
         vel_to_pos = self.vel_to_pos2
 
         def rhs_nn(t: Tensor, y: Tensor) -> Tensor:
-            return F.linear(y, vel_to_pos) + net(y)
+            return F.linear(y, vel_to_pos) + net(t, y)
 
         ys = self._solve(rhs_nn, y0)
         return {"x_mean": ys[..., 0] + self.aux2(torch.cat((z_aux1, z_aux2), -1))}
+
+    def _in_ode_net(self, z_aux1: Tensor, input_map: Tensor | None, output_map: Tensor):
+        """The in-ODE net as ``f(t, y)`` for fixed ``z_aux1``, placed by the state maps."""
+        net = self.aux1.bind_conditioned(z_aux1, input_map, output_map, time_input=self.time_input)
+        return net if self.time_input else (lambda t, y: net(y))
 
     def _solve(self, rhs, y0: Tensor) -> Tensor:
         return integrate(rhs, y0, self.t, method=self.method, substeps=self.substeps)

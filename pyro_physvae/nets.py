@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": F.elu,
     "relu": F.relu,
-    "tanh":Safe if (Safe := getattr(F, "tanh", None)) else None,  # type: ignore[dict-item]
+    "tanh": torch.tanh,
     "softplus": F.softplus,
 }
 
@@ -76,7 +77,9 @@ class MLP(PyroModule):
         z: Tensor,
         input_map: Tensor | None = None,
         output_map: Tensor | None = None,
-    ) -> Callable[[Tensor], Tensor]:
+        *,
+        time_input: bool = False,
+    ) -> Callable[..., Tensor]:
         """The network of ``cat(x, z)`` as a function of ``x`` alone, for a fixed ``z``.
 
         Built for ODE right-hand sides, where the function is called at every solver step
@@ -91,14 +94,17 @@ class MLP(PyroModule):
                 and feeds ``y @ input_map.T`` to the network (e.g. to select state entries).
             output_map: ``(D_out, out_features)``; the function returns ``net @ output_map.T``
                 (e.g. to place the output in some state entries and zeros elsewhere).
+            time_input: the network reads ``cat(x, t, z)`` with a scalar time ``t``; the
+                function is then ``f(t, x)``, as an ODE right-hand side is called.
 
         Returns:
             ``f`` with ``f(x) == output_map @ self(cat(input_map @ x, z))`` (maps omitted
-            when ``None``).
+            when ``None``), or ``f(t, x) == output_map @ self(cat(input_map @ x, t, z))``.
         """
         first = self.linears[0]
-        dim_x = first.weight.shape[1] - z.shape[-1]
-        w_x, w_z = first.weight[:, :dim_x], first.weight[:, dim_x:]
+        dim_x = first.weight.shape[1] - z.shape[-1] - int(time_input)
+        w_x, w_z = first.weight[:, :dim_x], first.weight[:, dim_x + int(time_input):]
+        w_t = first.weight[:, dim_x] if time_input else None
         if input_map is not None:
             w_x = w_x @ input_map
         offset = F.linear(z, w_z, first.bias)
@@ -113,16 +119,18 @@ class MLP(PyroModule):
                 layers[-1] = (output_map @ w_last, output_map @ b_last)
             else:
                 w_x, offset = output_map @ w_x, F.linear(offset, output_map)
+                w_t = None if w_t is None else output_map @ w_t
 
-        def apply(x: Tensor) -> Tensor:
-            x = F.linear(x, w_x) + offset
+        def rest(x: Tensor) -> Tensor:
             for w_i, b_i in layers:
                 x = F.linear(act(x), w_i, b_i)
             if final:
                 x = act(x)
             return x if post_map is None else F.linear(x, post_map)
 
-        return apply
+        if time_input:
+            return lambda t, x: rest(F.linear(x, w_x) + torch.addcmul(offset, t, w_t))
+        return lambda x: rest(F.linear(x, w_x) + offset)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bind()(x)

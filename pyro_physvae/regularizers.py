@@ -45,6 +45,23 @@ class _SiteRecorder(Messenger):
             self.scales[msg["name"]] = msg["scale"]
 
 
+class _ScaleLatents(Messenger):
+    """Multiply the scale of every unobserved sample site (the latents) by ``weight``.
+
+    Applied to both model and guide it weighs ``log p(z) - log q(z)``, i.e. the KL part of
+    the ELBO, by ``weight`` (Pyro's mean-field ELBO reads the guide site's scale for its
+    analytic KL); observations and recorded curves are untouched.
+    """
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = self.weight * msg["scale"]
+
+
 def guide_deterministic(name: str, value: Tensor, event_dim: int | None = None) -> Tensor:
     """Record an intermediate value of a *guide* as a deterministic site.
 
@@ -157,13 +174,20 @@ class PhysVAELoss(ELBO):
     Args:
         elbo: any Pyro ELBO; particles, vectorisation and plate nesting are its own.
         regularizers: terms with a ``name``, a ``weight`` and a per-datum value.
+        kl_weight: weight of the latents' terms ``log p(z) - log q(z)``; the reference adds
+            the R_ppc weight alpha to the KL weight, ``kl_weight = 1 + alpha``. With a weight
+            other than 1 the objective is no longer the ELBO itself.
 
     After each call, :attr:`last_terms` holds the mean per-datum value of every regularizer
     (unweighted) for logging.
     """
 
-    def __init__(self, elbo: ELBO | None = None, regularizers: Iterable[Regularizer] = ()) -> None:
+    def __init__(self, elbo: ELBO | None = None, regularizers: Iterable[Regularizer] = (),
+                 kl_weight: float = 1.0) -> None:
+        if not kl_weight > 0:
+            raise ValueError(f"kl_weight must be positive, got {kl_weight}")
         self.elbo = elbo if elbo is not None else Trace_ELBO()
+        self.kl_weight = float(kl_weight)
         super().__init__(num_particles=self.elbo.num_particles,
                          max_plate_nesting=self.elbo.max_plate_nesting,
                          vectorize_particles=self.elbo.vectorize_particles)
@@ -178,23 +202,26 @@ class PhysVAELoss(ELBO):
 
     def __repr__(self) -> str:
         terms = ", ".join(f"{r.name}={r.weight:g}" for r in self.regularizers)
-        return f"PhysVAELoss({type(self.elbo).__name__}, [{terms}])"
+        return f"PhysVAELoss({type(self.elbo).__name__}, [{terms}], kl_weight={self.kl_weight:g})"
 
     def _wrap(self, model: Callable, guide: Callable) -> tuple[Callable, Callable]:
+        run_model, run_guide = model, guide
+        if self.kl_weight != 1.0:
+            run_model, run_guide = _ScaleLatents(self.kl_weight)(model), _ScaleLatents(self.kl_weight)(guide)
         if not self.regularizers:
-            return model, guide
+            return run_model, run_guide
         guide_sites: dict[str, Tensor] = {}
 
         def recorded_guide(*args, **kwargs):
             with _SiteRecorder() as rec:
-                out = guide(*args, **kwargs)
+                out = run_guide(*args, **kwargs)
             guide_sites.clear()
             guide_sites.update(rec.values)
             return out
 
         def regularized_model(*args, **kwargs):
             with _SiteRecorder() as rec:
-                out = model(*args, **kwargs)
+                out = run_model(*args, **kwargs)
             sites = {**guide_sites, **rec.values}
             total = 0.0
             for reg in self.regularizers:

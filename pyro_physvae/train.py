@@ -98,9 +98,10 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
 
     ``alpha``, ``beta``, ``gamma`` are weights relative to the *sum of squared errors*, as in
     the reference loss. The Gaussian likelihood of the model weighs squared errors by
-    ``1 / (2 sigma^2)`` (about 4051 for ``log sigma^2 = -9``), so in ELBO units each weight is
-    multiplied by that precision; otherwise the regularizers would be negligible next to the
-    likelihood.
+    ``1 / (2 sigma^2)`` (about 8103 for the pendulum's ``log sigma^2 = -9 - log 2``), so in
+    ELBO units each weight is multiplied by that precision; otherwise the regularizers would
+    be negligible next to the likelihood. As in the reference, the KL part is weighted by
+    ``1 + alpha``.
     """
     elbo = ELBOS[config.elbo](num_particles=config.num_particles,
                               vectorize_particles=config.num_particles > 1)
@@ -109,9 +110,10 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
     precision = 1.0
     if model is not None and hasattr(model, "noise_scale"):
         precision = float(0.5 / model.noise_scale().detach().pow(2))
-    a, b, g = (precision * (v if v is not None else d) for v, d in
-               zip((config.alpha, config.beta, config.gamma), system.reg_weights, strict=True))
-    return PhysVAELoss(elbo, phys_vae_regularizers(alpha=a, beta=b, gamma=g))
+    alpha, beta, gamma = (v if v is not None else d for v, d in
+                          zip((config.alpha, config.beta, config.gamma), system.reg_weights, strict=True))
+    regs = phys_vae_regularizers(alpha=precision * alpha, beta=precision * beta, gamma=precision * gamma)
+    return PhysVAELoss(elbo, regs, kl_weight=1.0 + alpha)
 
 
 def resolve_device(name: str) -> torch.device:

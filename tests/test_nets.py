@@ -76,3 +76,18 @@ def test_bind_conditioned_output_map_with_final_activation():
     output_map = torch.tensor([[0.0], [1.0]])
     f = net.bind_conditioned(z, output_map=output_map)
     torch.testing.assert_close(f(y), net(torch.cat((y, z), -1)) @ output_map.T)
+
+
+@pytest.mark.parametrize("hidden", [(), (6, 5)])
+def test_bind_conditioned_with_time_input_equals_network_of_concatenation(hidden):
+    net = MLP(2 + 1 + 3, hidden, 1)
+    randomise(net, seed=3)
+    z = torch.randn(4, 3)
+    y = torch.randn(4, 4)
+    input_map = torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 1]])
+    output_map = torch.tensor([[0.0], [0], [0], [1]])
+    f = net.bind_conditioned(z, input_map, output_map, time_input=True)
+    for t in (0.0, 0.7):
+        t_col = torch.full((4, 1), t)
+        expected = net(torch.cat((y @ input_map.T, t_col, z), -1)) @ output_map.T
+        torch.testing.assert_close(f(torch.tensor(t), y), expected)

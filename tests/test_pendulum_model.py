@@ -9,7 +9,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_physvae.models.pendulum import OMEGA, PendulumModel, pendulum_rhs
+from pyro_physvae.models.pendulum import OMEGA, X_LNVAR, PendulumModel, pendulum_rhs
 from pyro_physvae.ode import integrate
 from pyro_physvae.regularizers import PhysVAELoss, phys_vae_regularizers
 from pyro_physvae.settings import Setting
@@ -88,7 +88,7 @@ def test_sites_shapes_and_plate_scale(setting, pair_factory, small_data):
     # The likelihood is a Normal around x_mean with the model's fixed noise.
     fn = msites["x"]["fn"]
     torch.testing.assert_close(fn.base_dist.loc, msites["x_mean"]["value"])
-    sigma = float(torch.exp(torch.tensor(-4.5)))
+    sigma = float(torch.exp(torch.tensor(0.5 * X_LNVAR)))
     torch.testing.assert_close(fn.base_dist.scale, torch.full((k, T), sigma))
     resid = small_data[:k] - msites["x_mean"]["value"]
     log_norm = torch.log(torch.tensor(sigma * (2 * torch.pi) ** 0.5))
@@ -158,7 +158,7 @@ def test_decode_matches_naive_right_hand_side(setting_name):
     out = model.decode(init, omega, z1, z2)
 
     def naive(t, y):
-        accel = model.aux1(torch.cat((y, z1), -1))[..., 0]
+        accel = model.aux1(torch.cat((y, t.expand(B, 1), z1), -1))[..., 0]
         if has_phys:
             base = pendulum_rhs(y, omega)
         else:
@@ -252,8 +252,9 @@ def test_gradients_reach_all_networks(pair_factory, small_data):
         return 0.0 if p.grad is None else float(p.grad.abs().sum())
 
     checked = {
-        "guide.features": guide.features.linears[0].weight,
-        "guide.aux1 head": guide.aux1.loc.linears[-1].weight,
+        "guide.aux1 features": guide.aux1[0].linears[0].weight,
+        "guide.aux2 features": guide.aux2[0].linears[0].weight,
+        "guide.aux1 head": guide.aux1[1].loc.linears[-1].weight,
         "guide.phys_features": guide.phys_features.linears[0].weight,
         "guide.omega_head": guide.omega_head.loc.linears[-1].weight,
         "guide.unmixer (last layer)": guide.unmixer.linears[-1].weight,

@@ -154,10 +154,43 @@ def test_duplicate_names():
     PhysVAELoss(Trace_ELBO(), [Unmixing(1.0), Unmixing(2.0, name="unmix2")])
 
 
+@pytest.mark.parametrize("elbo_cls", [Trace_ELBO, TraceMeanField_ELBO])
+def test_kl_weight_scales_only_the_latent_terms(elbo_cls):
+    x = torch.tensor([0.3, -1.2, 2.0])
+    loc, scale = torch.tensor(0.4), torch.tensor(0.7)
+    drawn = []
+
+    def model():
+        with pyro.plate("data", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    def guide():
+        with pyro.plate("data", 3):
+            drawn.append(pyro.sample("z", dist.Normal(loc, scale)))
+
+    def loss_and_draw(weight):
+        pyro.set_rng_seed(0)
+        value = PhysVAELoss(elbo_cls(), kl_weight=weight).loss(model, guide)
+        return value, drawn[-1]
+
+    base, z = loss_and_draw(1.0)
+    weighted, z_again = loss_and_draw(3.0)
+    assert torch.equal(z, z_again)
+    if elbo_cls is TraceMeanField_ELBO:
+        q = dist.Normal(loc.expand(3), scale.expand(3))
+        kl = torch.distributions.kl_divergence(q, dist.Normal(0.0, 1.0)).sum()
+    else:
+        kl = (dist.Normal(loc, scale).log_prob(z) - dist.Normal(0.0, 1.0).log_prob(z)).sum()
+    assert weighted - base == pytest.approx(2.0 * float(kl), rel=1e-5)
+    with pytest.raises(ValueError, match="kl_weight"):
+        PhysVAELoss(elbo_cls(), kl_weight=0.0)
+
+
 def test_repr_and_settings_passthrough():
     elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=True)
     loss = PhysVAELoss(elbo, [PosteriorPredictiveCheck(0.5), Unmixing(2.0)])
-    assert repr(loss) == "PhysVAELoss(TraceMeanField_ELBO, [ppc=0.5, unmix=2])"
+    assert repr(loss) == "PhysVAELoss(TraceMeanField_ELBO, [ppc=0.5, unmix=2], kl_weight=1)"
     assert loss.num_particles == 3 and loss.vectorize_particles
     assert isinstance(PhysVAELoss().elbo, Trace_ELBO)
 

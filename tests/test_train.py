@@ -246,8 +246,8 @@ def test_make_loss_type(setting):
 def test_make_loss_scales_weights_by_the_noise_precision():
     system = get_system("pendulum")
     model, _ = system.build("phys+nn+reg", {"n_steps": 10})
-    precision = 0.5 / math.exp(-9.0)  # 1 / (2 sigma^2) with log sigma^2 = -9
-    assert precision == pytest.approx(4051.54, rel=1e-5)
+    precision = 0.5 / math.exp(-9.0 - math.log(2.0))  # 1 / (2 sigma^2), default noise
+    assert precision == pytest.approx(8103.08, rel=1e-5)
     loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(), model)
     by_type = {type(r): r.weight for r in loss.regularizers}
     alpha, beta, gamma = system.reg_weights
@@ -255,6 +255,7 @@ def test_make_loss_scales_weights_by_the_noise_precision():
     assert by_type[PhysicsAugmentation] == pytest.approx(beta * precision, rel=1e-5)
     assert by_type[Unmixing] == pytest.approx(gamma * precision, rel=1e-5)
     assert isinstance(loss.elbo, TraceMeanField_ELBO)  # the default ELBO
+    assert loss.kl_weight == pytest.approx(1.0 + alpha)
 
     # Explicit weights are scaled the same way; zero weights drop the term.
     loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(alpha=2.0, beta=0.0, gamma=0.5), model)
