@@ -61,7 +61,8 @@ def _train_config(args: argparse.Namespace, defaults: dict):
     return TrainConfig(
         epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
         lr=args.lr, seed=args.seed, elbo=args.elbo, num_particles=args.num_particles,
-        alpha=args.alpha, beta=args.beta, gamma=args.gamma, device=args.device,
+        renyi_alpha=args.renyi_alpha, guide=args.guide, alpha=args.alpha, beta=args.beta,
+        gamma=args.gamma, device=args.device,
         threads=args.threads, checkpoint_every=args.checkpoint_every,
     )
 
@@ -86,6 +87,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate(args.run, args.data or _run_data(args.run), split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device)
     print(json.dumps(metrics, indent=2))
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from pyro_physvae.evaluate import diagnose
+
+    out = args.out or str(Path(args.run) / f"diagnose-{args.split}")
+    report = diagnose(args.run, args.data, split=args.split, num_samples=args.samples,
+                      iwae_particles=args.iwae_particles,
+                      calibrate_on=None if args.calibrate_on == "none" else args.calibrate_on,
+                      out_dir=out, guide_steps=args.guide_steps)
+    print(json.dumps(report, indent=2))
+    print(f"written to {out}")
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> None:
@@ -167,6 +180,7 @@ def _run_data(run_dir: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyro_physvae.autoguides import GUIDES
     from pyro_physvae.ode import METHODS
     from pyro_physvae.train import ELBOS
 
@@ -199,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--elbo", choices=list(ELBOS), default="meanfield")
     t.add_argument("--num-particles", type=_positive_int, default=1)
+    t.add_argument("--renyi-alpha", type=float, default=0.0,
+                   help="order of --elbo renyi (0: importance-weighted bound, IWAE)")
+    t.add_argument("--guide", choices=GUIDES, default="amortized",
+                   help="the amortized encoder or an AutoGuide with per-sequence latents")
     t.add_argument("--alpha", type=float, default=None, help="R_ppc weight")
     t.add_argument("--beta", type=float, default=None, help="R_DA,2 weight")
     t.add_argument("--gamma", type=float, default=None, help="R_DA,1 weight")
@@ -219,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None)
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("diagnose", help="ArviZ InferenceData, summaries, IWAE, calibration, figures")
+    d.add_argument("run", help="run directory")
+    d.add_argument("--data", default=None, help="default: the run's training data directory")
+    d.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    d.add_argument("--samples", type=_positive_int, default=200, help="posterior draws per sequence")
+    d.add_argument("--iwae-particles", type=_positive_int, default=100)
+    d.add_argument("--calibrate-on", default="valid", choices=["train", "valid", "test", "none"],
+                   help="split on which to fit the interval widening ('none': raw intervals only)")
+    d.add_argument("--guide-steps", type=_positive_int, default=1000,
+                   help="steps to fit an AutoGuide run's guide on the split")
+    d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
+    d.set_defaults(func=cmd_diagnose)
 
     c = sub.add_parser("counterfactual", help="decode with omega scaled and compare with truth")
     c.add_argument("run")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import arviz as az
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,12 +18,21 @@ import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
-from pyro.infer import Predictive  # noqa: E402
 from pyro.nn import PyroModule  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from pyro_physvae.autoguides import fit_local_guide  # noqa: E402
 from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
 from pyro_physvae.data.io import load_split  # noqa: E402
+from pyro_physvae.diagnostics import (  # noqa: E402
+    calibration,
+    central_interval,
+    draws_to_inference_data,
+    interval_widening,
+    iwae_log_likelihood,
+    plot_calibration,
+    sample_posterior,
+)
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.systems import System, get_system  # noqa: E402
 from pyro_physvae.train import resolve_device  # noqa: E402
@@ -33,14 +44,26 @@ INTERVAL = 0.90
 
 @dataclass
 class Run:
-    """A trained model/guide pair loaded from a run directory."""
+    """A trained model/guide pair loaded from a run directory.
+
+    For a run trained with an AutoGuide, ``guide`` is ``None``: its latents belong to the
+    training sequences, and :meth:`guide_for` fits a fresh one for the sequences at hand.
+    """
 
     system: System
     setting: Setting
     model: PyroModule
-    guide: PyroModule
+    guide: PyroModule | None
     checkpoint: dict[str, Any]
     path: Path
+    guide_kind: str = "amortized"
+
+    def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0) -> Callable:
+        """A guide over the latents of the sequences ``x``: the amortized encoder itself, or
+        an AutoGuide of the run's kind fitted with the model held fixed."""
+        if self.guide is not None:
+            return self.guide
+        return fit_local_guide(self.model, self.guide_kind, x, steps=steps, seed=seed)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
@@ -51,49 +74,22 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
     state = load_checkpoint(run_dir / checkpoint, map_location=device)
     system = get_system(state["system"])
     setting = Setting.parse(state["setting"])
+    kind = state.get("train_config", {}).get("guide", "amortized")
     pyro.clear_param_store()
-    model, guide = system.build(setting, state["model_kwargs"], state["guide_kwargs"])
+    if kind == "amortized":
+        model, guide = system.build(setting, state["model_kwargs"], state["guide_kwargs"])
+        guide.load_state_dict(state["guide_state"])
+        guide.to(device).eval()
+    else:
+        model, guide = system.model_cls(setting, **state["model_kwargs"]), None
     model.load_state_dict(state["model_state"])
-    guide.load_state_dict(state["guide_state"])
     model.to(device).eval()
-    guide.to(device).eval()
-    return Run(system, setting, model, guide, state, run_dir)
-
-
-@torch.no_grad()
-def posterior_predictive(model: PyroModule, guide: PyroModule, x: Tensor, num_samples: int = 100,
-                         *, batch_size: int = 250, seed: int = 0) -> dict[str, Tensor]:
-    """Draw latents from the guide and, given them, the model's curves and new data.
-
-    Args:
-        x: observed sequences ``(N, T)``.
-        num_samples: posterior draws S per sequence.
-        batch_size: sequences per chunk (bounds memory).
-
-    Returns:
-        Tensors with leading dims ``(S, N)``: every latent site, the model's deterministic
-        curves (``x_mean``, ``x_P``, ...) and ``x``, posterior-predictive data.
-    """
-    check_positive_int(num_samples, "num_samples")
-    pyro.set_rng_seed(seed)
-    latent_names = set(model.latent_sites)
-    chunks: list[dict[str, Tensor]] = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
-        guide_draws = Predictive(guide, num_samples=num_samples, parallel=True)(xb)
-        latents = {k: v for k, v in guide_draws.items() if k in latent_names}
-        model_draws = Predictive(model, posterior_samples=latents, parallel=True)(
-            None, init=xb[:, 0]
-        )
-        chunks.append({**latents, **{k: v for k, v in model_draws.items() if k != "init"}})
-    return {k: torch.cat([c[k] for c in chunks], dim=1) for k in chunks[0]}
+    return Run(system, setting, model, guide, state, run_dir, kind)
 
 
 def interval(samples: Tensor, level: float = INTERVAL) -> tuple[Tensor, Tensor]:
     """Central ``level`` interval over the first (sample) dimension."""
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=samples.dtype)
-    lo, hi = torch.quantile(samples, q.to(samples.device), dim=0)
-    return lo, hi
+    return central_interval(samples, level)
 
 
 def parameter_metrics(samples: Tensor, truth: np.ndarray, level: float = INTERVAL) -> dict[str, float]:
@@ -196,7 +192,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = load_split(data_dir, split, system=run.system.name)
     x = run.system.observations(ds, device)
-    draws = posterior_predictive(run.model, run.guide, x, num_samples, seed=seed)
+    draws = sample_posterior(run.model, run.guide_for(x, seed=seed), x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
     metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
                "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
@@ -208,6 +204,138 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
             plot_parameter(ds[name].values, draws[name], name, out / f"{name}.png")
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
+             num_samples: int = 200, iwae_particles: int = 100, calibrate_on: str | None = "valid",
+             out_dir: str | Path | None = None, checkpoint: str = "best.pt", seed: int = 0,
+             guide_steps: int = 1000) -> dict[str, Any]:
+    """Posterior diagnostics of a run on a split, written to ``out_dir``
+    (default ``run_dir/diagnose-<split>``):
+
+    * ``inference_data.nc``: ArviZ InferenceData (posterior, posterior_predictive,
+      log_likelihood, observed_data, constant_data);
+    * ``summary.csv``: ``az.summary`` of the physics parameters per sequence;
+    * ``calibration.csv`` / ``.md`` and ``calibration.png``: coverage of central intervals of
+      each physics parameter at several levels, raw and, when ``calibrate_on`` names a split
+      with true values, with intervals widened by the factor that gives 90% coverage there;
+    * ``posterior.png`` (forest plot with the truth), ``ppc.png`` (``az.plot_ppc``),
+      ``reconstructions.png`` (posterior-predictive bands over time);
+    * ``diagnostics.json``: reconstruction metrics, IWAE test log-likelihood, coverages.
+
+    An AutoGuide run fits its guide on each split first (``guide_steps`` steps).
+    """
+    run = load_run(run_dir, checkpoint)
+    data_dir = data_dir or run.checkpoint["data_dir"]
+    ds = load_split(data_dir, split, system=run.system.name)
+    x = run.system.observations(ds)
+    guide = run.guide_for(x, steps=guide_steps, seed=seed)
+    draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
+    physics = tuple(p.name for p in run.model.physics_parameters)
+    out = Path(out_dir) if out_dir else Path(run_dir) / f"diagnose-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    idata = draws_to_inference_data(draws, x, dataset=ds)
+    _atomic(lambda tmp: idata.to_netcdf(str(tmp)), out / "inference_data.nc")
+    if physics:
+        summary = az.summary(idata, var_names=list(physics), kind="stats", hdi_prob=INTERVAL)
+        summary.to_csv(out / "summary.csv")
+    iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
+    report: dict[str, Any] = {
+        "system": run.system.name, "setting": run.setting.value, "guide": run.guide_kind,
+        "split": split, "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
+        **compute_metrics(ds, x, draws, physics),
+        "iwae_log_likelihood": {"particles": iwae_particles, "mean": float(iwae.mean()),
+                                "stderr": float(iwae.std() / math.sqrt(iwae.numel())),
+                                "median": float(iwae.median())},
+    }
+    report["calibration"] = _calibrate(run, draws, ds, physics, data_dir, calibrate_on, num_samples,
+                                       guide_steps, seed, out)
+    plot_reconstructions(ds, x, draws, out / "reconstructions.png")
+    _plot_forest(idata, physics, ds, out / "posterior.png")
+    az.plot_ppc(idata, num_pp_samples=min(50, num_samples), random_seed=seed)
+    _save(plt.gcf(), out / "ppc.png")
+    write_json(report, out / "diagnostics.json")
+    return report
+
+
+def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tuple[str, ...],
+               data_dir: str | Path, calibrate_on: str | None, num_samples: int, guide_steps: int,
+               seed: int, out: Path) -> dict[str, Any]:
+    """Calibration tables of every physics parameter with a truth; see :func:`diagnose`."""
+    names = [p for p in physics if p in ds]
+    if not names:
+        return {}
+    held_out = None
+    if calibrate_on is not None and calibrate_on != ds.attrs.get("split"):
+        cal_ds = load_split(data_dir, calibrate_on, system=run.system.name)
+        if all(p in cal_ds for p in names):
+            x_cal = run.system.observations(cal_ds)
+            guide = run.guide_for(x_cal, steps=guide_steps, seed=seed)
+            held_out = (cal_ds, sample_posterior(run.model, guide, x_cal, num_samples, seed=seed + 1))
+    result, rows = {}, []
+    for name in names:
+        tables = {"posterior": calibration(draws[name], ds[name].values)}
+        entry: dict[str, Any] = {"coverage": _coverage_by_level(tables["posterior"])}
+        if held_out is not None:
+            factor = interval_widening(held_out[1][name], held_out[0][name].values, INTERVAL)
+            widened = calibration(draws[name], ds[name].values, widen=factor)
+            tables[f"widened x{factor:.3g} on {calibrate_on}"] = widened
+            entry.update(widening_factor=factor, widened_coverage=_coverage_by_level(widened))
+        for label, table in tables.items():
+            rows += [{"parameter": name, "intervals": label, "level": float(r.level),
+                      "coverage": float(r.coverage), "mean_width": float(r.mean_width)}
+                     for r in table.to_dataframe().reset_index().itertuples()]
+        plot_calibration(tables, out / f"calibration_{name}.png", title=f"{name}: {run.setting.value}")
+        result[name] = entry
+    _write_table(rows, out / "calibration")
+    return result
+
+
+def _coverage_by_level(table: xr.Dataset) -> dict[str, float]:
+    return {f"{level:g}": float(c) for level, c in zip(table["level"].values, table["coverage"].values,
+                                                       strict=True)}
+
+
+def _write_table(rows: list[dict[str, Any]], stem: Path) -> None:
+    """``rows`` as ``stem.csv`` and a markdown ``stem.md``."""
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+    stem.with_suffix(".csv").write_text("\n".join(lines) + "\n")
+    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+           for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+
+
+def _plot_forest(idata: az.InferenceData, physics: tuple[str, ...], ds: xr.Dataset, path: Path,
+                 n: int = 12) -> None:
+    """Forest plot (90% intervals) of the physics parameters of the first ``n`` sequences,
+    with the true values as crosses where known."""
+    if not physics:
+        return
+    seqs = idata.posterior["sequence"].values[:n]
+    axes = az.plot_forest(idata, var_names=list(physics), coords={"sequence": seqs}, combined=True,
+                          hdi_prob=INTERVAL, figsize=(5, 0.35 * n * len(physics) + 1))
+    ax = np.ravel(axes)[0]
+    ticks = ax.get_yticks()
+    for name in physics:
+        if name in ds:
+            truth = ds[name].sel(sequence=seqs).values
+            # plot_forest lists the first sequence at the top.
+            ax.plot(truth, sorted(ticks, reverse=True)[:len(truth)], "x", color="C3", label=f"true {name}")
+    ax.legend(fontsize=7)
+    _save(ax.figure, path)
+
+
+def _atomic(write: Callable[[Path], Any], path: Path) -> None:
+    """Write through ``write(tmp)`` and move into place, so a failure leaves no partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def counterfactual(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
@@ -238,7 +366,7 @@ def counterfactual(run_dir: str | Path, data_dir: str | Path, *, split: str = "t
         raise ValueError(f"{split} data lacks the true parameters {missing} needed for the truth")
     ds = ds.isel(sequence=slice(0, check_positive_int(n_sequences, "n_sequences")))
     x = run.system.observations(ds)
-    draws = posterior_predictive(run.model, run.guide, x, num_samples, seed=seed)
+    draws = sample_posterior(run.model, run.guide_for(x, seed=seed), x, num_samples, seed=seed)
     mean = {k: draws[k].mean(0) for k in run.model.latent_sites}
     t = torch.tensor(ds["time"].values)
     truth_params = [torch.tensor(ds[v].values) for v in

@@ -26,6 +26,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pyro_physvae.autoguides import check_guide_kind, make_autoguide, supports_subsampling
 from pyro_physvae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_physvae.data.io import load_split
 from pyro_physvae.ode import IntegrationError
@@ -50,7 +51,10 @@ class TrainConfig:
     """Optimisation settings; the defaults are the reference ones.
 
     ``alpha``, ``beta``, ``gamma`` (R_ppc, R_DA,2, R_DA,1 weights) default to the system's
-    reference values and apply to ``phys+nn+reg`` only.
+    reference values and apply to ``phys+nn+reg`` only. ``guide`` is ``"amortized"`` (the
+    system's encoder) or an AutoGuide with per-sequence latents (see
+    :mod:`pyro_physvae.autoguides`); ``renyi_alpha`` is the order of ``elbo="renyi"`` (0 gives
+    the importance-weighted bound, IWAE).
     """
 
     epochs: int = 5000
@@ -62,6 +66,8 @@ class TrainConfig:
     seed: int = 0
     elbo: str = "meanfield"
     num_particles: int = 1
+    renyi_alpha: float = 0.0
+    guide: str = "amortized"
     alpha: float | None = None
     beta: float | None = None
     gamma: float | None = None
@@ -74,6 +80,9 @@ class TrainConfig:
             check_positive_int(getattr(self, name), name)
         if self.elbo not in ELBOS:
             raise ValueError(f"unknown ELBO {self.elbo!r}; choose one of: {', '.join(ELBOS)}")
+        check_guide_kind(self.guide)
+        if not (self.renyi_alpha >= 0 and self.renyi_alpha != 1):
+            raise ValueError(f"renyi_alpha must be >= 0 and not 1, got {self.renyi_alpha}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("lr", "adam_eps", "clip_value"):
@@ -103,8 +112,9 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
     be negligible next to the likelihood. As in the reference, the KL part is weighted by
     ``1 + alpha``.
     """
+    extra = {"alpha": config.renyi_alpha} if config.elbo == "renyi" else {}
     elbo = ELBOS[config.elbo](num_particles=config.num_particles,
-                              vectorize_particles=config.num_particles > 1)
+                              vectorize_particles=config.num_particles > 1, **extra)
     if not setting.regularized:
         return elbo
     precision = 1.0
@@ -112,8 +122,19 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
         precision = float(0.5 / model.noise_scale().detach().pow(2))
     alpha, beta, gamma = (v if v is not None else d for v, d in
                           zip((config.alpha, config.beta, config.gamma), system.reg_weights, strict=True))
+    if config.guide != "amortized":  # R_DA,1 and R_DA,2 act through the encoder
+        beta = gamma = 0.0
     regs = phys_vae_regularizers(alpha=precision * alpha, beta=precision * beta, gamma=precision * gamma)
     return PhysVAELoss(elbo, regs, kl_weight=1.0 + alpha)
+
+
+def build_pair(system: System, setting: str | Setting, guide: str = "amortized",
+               model_kwargs: dict | None = None, guide_kwargs: dict | None = None):
+    """The system's model and a guide: its amortized encoder or an AutoGuide."""
+    if check_guide_kind(guide) == "amortized":
+        return system.build(setting, model_kwargs, guide_kwargs)
+    model = system.model_cls(Setting.parse(setting), **(model_kwargs or {}))
+    return model, make_autoguide(guide, model, **(guide_kwargs or {}))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,11 +270,17 @@ def train(
 
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    model, guide = system.build(setting, model_kwargs, guide_kwargs)
+    model, guide = build_pair(system, setting, config.guide, model_kwargs, guide_kwargs)
     model.to(device)
     guide.to(device)
+    batch_size = config.batch_size if supports_subsampling(guide) else n
+    # An AutoGuide has latents for the training sequences only: it is validated on them.
+    x_check = x_valid if config.guide == "amortized" else x_train
     loss = make_loss(setting, system, config, model)
     trainer = SVITrainer(model, guide, loss, config)
+    if config.guide != "amortized":
+        with torch.no_grad():
+            guide(x_train, subsample=torch.arange(min(batch_size, n), device=device))  # create its parameters
     trainer.init_optimizer(module_parameters(model, guide))
 
     history: list[dict[str, float]] = []
@@ -284,11 +311,12 @@ def train(
         t0 = time.perf_counter()
         model.train()
         guide.train()
-        perm = torch.randperm(n, device=device)
+        # Guides that pack all sequences' latents into one vector need them in a fixed order.
+        perm = torch.randperm(n, device=device) if batch_size < n else torch.arange(n, device=device)
         total, terms = 0.0, {}
         try:
-            for i in range(0, n, config.batch_size):
-                batch = perm[i:i + config.batch_size]
+            for i in range(0, n, batch_size):
+                batch = perm[i:i + batch_size]
                 # Each step's loss estimates the full-data loss; weight it by batch share.
                 share = batch.shape[0] / n
                 total += share * trainer.step(x_train, subsample=batch)
@@ -297,7 +325,7 @@ def train(
             t_train = time.perf_counter() - t0
             model.eval()
             guide.eval()
-            val_loss, x_mean = trainer.evaluate(x_valid)
+            val_loss, x_mean = trainer.evaluate(x_check)
         except (IntegrationError, TrainingDiverged) as e:
             kept = run_dir / "best.pt"
             raise TrainingDiverged(
@@ -308,8 +336,8 @@ def train(
             raise TrainingDiverged(f"validation loss became {val_loss} at epoch {epoch + 1}; "
                                    "checkpoints already written are kept unchanged")
         record = {"epoch": epoch + 1, "loss": total / n, **terms,
-                  "val_loss": val_loss / x_valid.shape[0],
-                  "val_mse": float((x_mean - x_valid).pow(2).mean()) if x_mean is not None
+                  "val_loss": val_loss / x_check.shape[0],
+                  "val_mse": float((x_mean - x_check).pow(2).mean()) if x_mean is not None
                   else math.nan,
                   "time_train": t_train, "time_epoch": time.perf_counter() - t0}
         history.append(record)

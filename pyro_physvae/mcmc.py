@@ -1,0 +1,947 @@
+"""NUTS over a few sequences' latents with the trained networks held fixed, and the
+amortization gap of the encoder.
+
+A trained Phys-VAE gives an amortized posterior ``q(z | x)`` from one encoder pass. With the
+decoder's networks held at their trained values, the per-sequence posterior
+``p(omega, z_A1, z_A2 | x_k)`` of the *same* generative model can also be sampled exactly,
+with NUTS; the difference between the two is the amortization gap (plus the family gap of
+the Gaussian guide). This module runs that comparison:
+
+* :func:`run_nuts` samples the latents of ``x (K, T)`` with ``pyro.infer.NUTS``; the network
+  weights are ordinary ``PyroModule`` parameters (``param`` sites, never latents) and are
+  frozen (``requires_grad=False``) while it runs, so the gradient of the potential energy
+  reaches only the latents.
+* :func:`nuts_to_inference_data` converts the run with ``arviz.from_pyro`` with named dims.
+* :func:`amortization_gap` and :func:`plot_amortization_gap` compare the two posteriors of
+  the physics parameters per sequence; :func:`nuts_report` does everything for a run
+  directory and writes the files.
+
+Why starting values and a rescaling matter here: the ODE likelihood is very sharp (the noise
+std is about 0.008 rad, so the posterior std of omega is a few 1e-3 rad/s) while an auxiliary
+latent that the decoder barely uses keeps its N(0, 1) prior. NUTS from a random start, with
+a unit mass matrix, either sticks or needs maximal trees for every draw (and the warm-up
+adaptation shrinks its variance estimates towards 1e-3, far above 1e-5).
+:func:`starting_values` therefore scores candidate points (draws of the amortized guide, its
+mean, a grid over the physics range), refines the best ones with damped Newton steps on the
+log joint density and returns their Laplace standard deviations; NUTS then moves in the
+standardized coordinates ``(value - center) / scale`` (Pyro's ``transforms``), where a unit
+mass matrix fits, and its own adaptation takes over during warm-up.
+
+Caveat: the model clamps omega to its range ``[low, high]`` before the physics, so outside
+the range the likelihood is flat in omega and the posterior there is the prior times a
+constant. NUTS samples the unclamped ``omega`` site, as the guide does; for data whose
+frequency lies inside the range this tail carries no mass.
+
+Shapes: ``x`` is ``(K, T)`` angles [rad] at the model's ``T`` times spaced ``dt`` [s];
+latent samples are ``(chain, draw, K, *event)``; ``omega`` is in rad/s, ``z_A1``/``z_A2``
+are dimensionless.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import arviz as az
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyro  # noqa: E402
+import pyro.poutine as poutine  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import MCMC, NUTS, Predictive  # noqa: E402
+from pyro.infer.autoguide.initialization import init_to_value  # noqa: E402
+from pyro.infer.mcmc.api import _MultiSampler, _UnarySampler  # noqa: E402
+from pyro.nn import PyroModule  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torch.distributions.transforms import AffineTransform  # noqa: E402
+
+from pyro_physvae.ode import IntegrationError  # noqa: E402
+from pyro_physvae.validation import check_positive_int, check_sequences  # noqa: E402
+
+#: How chains are run: one after the other in this process, or in worker processes.
+CHAIN_METHODS = ("sequential", "parallel")
+#: Columns of the table returned by :func:`amortization_gap`, in order.
+GAP_COLUMNS = (
+    "sequence", "parameter", "truth",
+    "amortized_mean", "amortized_sd", "amortized_lo", "amortized_hi",
+    "nuts_mean", "nuts_sd", "nuts_lo", "nuts_hi", "r_hat", "ess_bulk", "ess_tail",
+    "mean_gap_sd", "sd_ratio",
+)
+_MAX_SEED = 2**32 - 1
+
+
+# -- the networks held fixed ---------------------------------------------------------------
+@contextmanager
+def frozen_parameters(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter of ``modules`` (``None`` entries are
+    skipped) and restore each parameter's own flag on exit, also after an exception.
+
+    Inside, autograd records no operation on the weights, so a gradient of the model's log
+    density with respect to its latents costs no weight-gradient bookkeeping.
+    """
+    params = {id(p): p for m in modules if m is not None for p in m.parameters()}
+    before = {k: p.requires_grad for k, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(before[k])
+
+
+# -- latents as one flat vector per sequence ------------------------------------------------
+@dataclass(frozen=True)
+class LatentLayout:
+    """The model's latent sites in sorted name order (Pyro's order for the mass matrix),
+    with their per-sequence event shapes; ``D`` scalars per sequence in all."""
+
+    names: tuple[str, ...]
+    event_shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: PyroModule) -> LatentLayout:
+        """The layout of ``model.latent_sites`` (omega scalar, z_A1/z_A2 vectors)."""
+        shapes = {"omega": ()}
+        if hasattr(model, "dim_z_aux1"):
+            shapes.update(z_A1=(model.dim_z_aux1,), z_A2=(model.dim_z_aux2,))
+        names = tuple(sorted(model.latent_sites))
+        unknown = [n for n in names if n not in shapes]
+        if unknown:
+            raise ValueError(f"unknown event shape of latent sites {unknown}")
+        return cls(names, tuple(shapes[n] for n in names))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.event_shapes)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, values: Mapping[str, Tensor]) -> Tensor:
+        """``{site: (..., K, *event)}`` -> ``(..., K, D)``."""
+        parts = []
+        for name, shape in zip(self.names, self.event_shapes, strict=True):
+            v = values[name]
+            parts.append(v.reshape(*v.shape[: v.dim() - len(shape)], -1))
+        return torch.cat(parts, -1)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """``(..., K, D)`` -> ``{site: (..., K, *event)}``."""
+        out, pos = {}, 0
+        for name, shape, size in zip(self.names, self.event_shapes, self.sizes, strict=True):
+            out[name] = flat[..., pos:pos + size].reshape(*flat.shape[:-1], *shape)
+            pos += size
+        return out
+
+
+def log_joint(model: PyroModule, x: Tensor, latents: Mapping[str, Tensor]) -> Tensor:
+    """Log joint density ``log p(x_k, z_k)`` of each sequence, shape ``(..., K)``.
+
+    Args:
+        x: observed sequences ``(K, T)`` [rad].
+        latents: a value for every latent site, ``(..., K, *event)``; the leading dims
+            (candidates, chains) broadcast through the model.
+
+    Raises:
+        IntegrationError: the ODE solution of some entry is not finite.
+    """
+    conditioned = poutine.condition(model, data=dict(latents))
+    trace = poutine.trace(conditioned).get_trace(x)
+    total = torch.zeros((), dtype=x.dtype, device=x.device)
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            total = total + site["fn"].log_prob(site["value"])
+    return total
+
+
+def _safe_log_joint(model: PyroModule, x: Tensor, layout: LatentLayout, flat: Tensor) -> Tensor:
+    """:func:`log_joint` of ``flat (B, K, D)`` with ``-inf`` where the ODE blows up (each
+    entry is then evaluated on its own, so one bad candidate spoils nothing else)."""
+    try:
+        return log_joint(model, x, layout.unflatten(flat))
+    except IntegrationError:
+        out = torch.full(flat.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)
+        for b in range(flat.shape[0]):
+            for k in range(flat.shape[1]):
+                try:
+                    out[b, k] = log_joint(model, x[k:k + 1], layout.unflatten(flat[b, k:k + 1]))[0]
+                except IntegrationError:
+                    pass
+        return out
+
+
+def _grad_hessian(model: PyroModule, x: Tensor, layout: LatentLayout,
+                  flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log joint ``(B, K)``, its gradient ``(B, K, D)`` and per-sequence Hessian blocks
+    ``(B, K, D, D)`` at ``flat (B, K, D)``. Entries are independent given the fixed nets,
+    so ``D`` double-backward passes give every block at once."""
+    with torch.enable_grad():
+        z = flat.detach().requires_grad_(True)
+        value = log_joint(model, x, layout.unflatten(z))
+        (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+        rows = [torch.autograd.grad(grad[..., j].sum(), z, retain_graph=j < layout.dim - 1)[0]
+                for j in range(layout.dim)]
+    return value.detach(), grad.detach(), torch.stack(rows, -2).detach()
+
+
+def _newton_refine(model: PyroModule, x: Tensor, layout: LatentLayout, flat: Tensor,
+                   steps: int) -> tuple[Tensor, Tensor]:
+    """Damped Newton ascent of the log joint from ``flat (B, K, D)``, each ``(b, k)`` block
+    on its own (Levenberg-Marquardt damping scaled by the Hessian diagonal, a step is kept
+    only if it raises the density). Returns the points and the Hessian blocks there."""
+    lam = torch.full(flat.shape[:-1], 1e-3, dtype=flat.dtype, device=flat.device)
+    eye = torch.eye(layout.dim, dtype=flat.dtype, device=flat.device)
+    try:
+        value, grad, hess = _grad_hessian(model, x, layout, flat)
+    except IntegrationError:
+        return flat, torch.zeros(*flat.shape, layout.dim, dtype=flat.dtype, device=flat.device)
+    for _ in range(steps):
+        neg = -hess
+        scale = torch.diagonal(neg, dim1=-2, dim2=-1).abs().clamp_min(1e-6)
+        chol, info = torch.linalg.cholesky_ex(neg + lam[..., None, None] * torch.diag_embed(scale)
+                                              + 1e-9 * eye)
+        ok = info == 0
+        step = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
+        trial = torch.where(ok.unsqueeze(-1), flat + step, flat)
+        new_value = _safe_log_joint(model, x, layout, trial)
+        better = ok & (new_value > value)
+        lam = torch.where(better, (lam / 10).clamp_min(1e-9), lam * 10)
+        if not bool(better.any()):
+            if bool((lam > 1e8).all()):
+                break
+            continue
+        flat = torch.where(better.unsqueeze(-1), trial, flat)
+        try:
+            value, grad, hess = _grad_hessian(model, x, layout, flat)
+        except IntegrationError:  # a point that was finite cannot blow up; be safe anyway
+            break
+    return flat, hess
+
+
+@dataclass
+class StartingValues:
+    """Per-chain starting points and a per-coordinate location and scale of the posterior.
+
+    Attributes:
+        values: ``{site: (C, K, *event)}``, one start per chain and sequence.
+        center: ``{site: (K, *event)}``, the best refined point of each sequence.
+        scale: ``{site: (K, *event)}``, approximate posterior standard deviations (Laplace,
+            root mean square over the chains' starts), in the site's units.
+        log_joint: ``(C, K)`` log joint density at the starts.
+
+    :func:`run_nuts` lets NUTS move in the standardized coordinates
+    ``(value - center) / scale``, where a unit mass matrix fits and the warm-up adaptation
+    (whose variance estimate is shrunk towards 1e-3) works on a well-scaled problem.
+    """
+
+    values: dict[str, Tensor]
+    center: dict[str, Tensor]
+    scale: dict[str, Tensor]
+    log_joint: Tensor
+
+
+def _candidates(model: PyroModule, x: Tensor, layout: LatentLayout, guide: PyroModule | None,
+                num_candidates: int) -> Tensor:
+    """Candidate points ``(M, K, D)``: the guide's mean and draws (or the prior mean and
+    draws without a guide) and, per physics parameter, a grid over its range with the
+    other latents at the guide's (or prior) mean."""
+    K = x.shape[0]
+    if guide is not None:
+        trace = poutine.trace(guide).get_trace(x)
+        center = {n: _site_mean(trace.nodes[n]) for n in layout.names}
+        draws = Predictive(guide, num_samples=num_candidates, return_sites=list(layout.names),
+                           parallel=True)(x)
+        draws = {n: draws[n] for n in layout.names}
+    else:
+        prior = poutine.trace(poutine.block(model, hide=["x"])).get_trace(x)
+        center = {n: prior.nodes[n]["fn"].mean.expand(K, *s)
+                  for n, s in zip(layout.names, layout.event_shapes, strict=True)}
+        draws = Predictive(model, num_samples=num_candidates, return_sites=list(layout.names),
+                           parallel=True)(x)
+        draws = {n: draws[n] for n in layout.names}
+    center_flat = layout.flatten(center).reshape(1, K, layout.dim)
+    parts = [center_flat, layout.flatten(draws)]
+    pos = 0
+    for name, size in zip(layout.names, layout.sizes, strict=True):
+        param = next((p for p in getattr(model, "physics_parameters", ()) if p.name == name), None)
+        if param is not None:
+            grid = torch.linspace(param.low, param.high, num_candidates, dtype=x.dtype,
+                                  device=x.device)
+            block = center_flat.expand(num_candidates, K, layout.dim).clone()
+            block[..., pos] = grid[:, None]
+            parts.append(block)
+        pos += size
+    return torch.cat(parts, 0)
+
+
+def _site_mean(site: dict) -> Tensor:
+    """The mean of a traced site's distribution, or its value where that has none."""
+    try:
+        return site["fn"].mean.expand_as(site["value"])
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return site["value"]
+
+
+@torch.no_grad()
+def starting_values(model: PyroModule, x: Tensor, *, guide: PyroModule | None = None,
+                    num_chains: int = 4, num_candidates: int = 64, refine_steps: int = 30,
+                    seed: int = 0) -> StartingValues:
+    """Good, distinct per-chain starting points for NUTS and the scale of each latent.
+
+    Candidates (see the module docstring) are scored by the log joint density of each
+    sequence (sequences are independent given the fixed nets); every sequence's
+    ``num_chains`` best candidates are refined by ``refine_steps`` damped Newton steps, and
+    chain ``c`` starts at the ``c``-th refined point plus one draw from its Laplace
+    approximation, so that chains do not start at the same point. The Laplace marginal
+    standard deviations (root mean square over the chains whose Hessian is negative
+    definite; the prior's where none is) are the scales.
+
+    Args:
+        x: observed sequences ``(K, T)`` [rad].
+        guide: the amortized guide, or ``None`` (prior draws instead of guide draws).
+        num_candidates: guide (or prior) draws, and grid points per physics parameter.
+        refine_steps: Newton steps (0: the best candidates as they are).
+
+    Returns:
+        :class:`StartingValues` with values ``(C, K, *event)`` per site.
+    """
+    check_positive_int(num_chains, "num_chains")
+    check_positive_int(num_candidates, "num_candidates")
+    if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:
+        raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
+    layout = LatentLayout.of(model)
+    pyro.set_rng_seed(seed)
+    with frozen_parameters(model, guide):
+        return _starting_values(model, x, layout, guide, num_chains, num_candidates, refine_steps)
+
+
+def _starting_values(model: PyroModule, x: Tensor, layout: LatentLayout, guide: PyroModule | None,
+                     num_chains: int, num_candidates: int, refine_steps: int) -> StartingValues:
+    cand = _candidates(model, x, layout, guide, max(num_candidates, num_chains))
+    score = torch.nan_to_num(_safe_log_joint(model, x, layout, cand), nan=-math.inf)
+    top = score.topk(num_chains, dim=0)  # (C, K)
+    if not bool(torch.isfinite(top.values).all()):
+        bad = (~torch.isfinite(top.values)).any(0).nonzero().flatten().tolist()
+        raise ValueError(f"fewer than {num_chains} candidate starting points of finite density "
+                         f"for sequences {bad}: the ODE blows up almost everywhere")
+    best = top.indices
+    starts = torch.gather(cand, 0, best.unsqueeze(-1).expand(num_chains, *cand.shape[1:]))
+    starts, hess = _newton_refine(model, x, layout, starts, refine_steps)
+    value = _safe_log_joint(model, x, layout, starts)
+    center = starts[value.argmax(0), torch.arange(x.shape[0])]
+    cov, good = _laplace_covariance(hess)
+    variance = torch.diagonal(cov, dim1=-2, dim2=-1)  # (C, K, D)
+    weight = good.to(variance.dtype).unsqueeze(-1)
+    mean_var = (variance * weight).sum(0) / weight.sum(0).clamp_min(1)
+    prior_var = _prior_variance(model, layout).to(variance)
+    scale = torch.where(good.any(0).unsqueeze(-1), mean_var, prior_var).sqrt()
+    # Jitter by a Laplace draw where the Laplace approximation exists, keeping the density finite.
+    chol = torch.linalg.cholesky_ex(cov)[0] * weight.unsqueeze(-1)
+    noise = torch.randn(*starts.shape, 1, dtype=x.dtype, device=x.device)
+    jittered = starts + (chol @ noise).squeeze(-1)
+    ok = torch.isfinite(_safe_log_joint(model, x, layout, jittered)) & good
+    starts = torch.where(ok.unsqueeze(-1), jittered, starts)
+    return StartingValues(layout.unflatten(starts), layout.unflatten(center),
+                          layout.unflatten(scale), _safe_log_joint(model, x, layout, starts))
+
+
+def _prior_variance(model: PyroModule, layout: LatentLayout) -> Tensor:
+    """``(D,)`` prior variances: omega's prior, 1 for the auxiliary latents."""
+    out = []
+    for name, size in zip(layout.names, layout.sizes, strict=True):
+        param = next((p for p in getattr(model, "physics_parameters", ()) if p.name == name), None)
+        out += [param.prior_scale**2 if param is not None else 1.0] * size
+    return torch.tensor(out, dtype=torch.get_default_dtype())
+
+
+def _laplace_covariance(hess: Tensor) -> tuple[Tensor, Tensor]:
+    """Covariance blocks ``(C, K, D, D)`` from log-density Hessians: the inverse negative
+    Hessian, and ``good (C, K)`` where that is positive definite and finite (elsewhere the
+    blocks are zero)."""
+    chol, info = torch.linalg.cholesky_ex(-hess)
+    cov = torch.cholesky_inverse(chol)
+    good = (info == 0) & torch.isfinite(cov).all(-1).all(-1)
+    return torch.where(good[..., None, None], cov, torch.zeros_like(cov)), good
+
+
+# -- the NUTS kernel -----------------------------------------------------------------------
+def _is_deterministic(msg: dict) -> bool:
+    return bool(msg.get("infer", {}).get("_deterministic", False))
+
+
+class ObservedSitesOnly:
+    """``model`` with its ``pyro.deterministic`` sites (``init``, ``x_P``, ``x_mean``, ...)
+    hidden. Pyro records them as observed sample sites, so ``arviz.from_pyro`` would
+    otherwise list them as observed data with a log-likelihood of zero; the density is
+    unchanged. Picklable (for worker processes) if ``model`` is."""
+
+    def __init__(self, model: PyroModule) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return poutine.block(self.model, hide_fn=_is_deterministic)(*args, **kwargs)
+
+
+class _GuardedPotential:
+    """A potential energy function that reports an ODE blow-up as infinite energy (with a
+    zero gradient), which NUTS treats as a divergent transition instead of crashing."""
+
+    def __init__(self, potential_fn) -> None:
+        self.potential_fn = potential_fn
+
+    def __call__(self, z: dict[str, Tensor]) -> Tensor:
+        try:
+            return self.potential_fn(z)
+        except IntegrationError:
+            zero = sum(v.sum() for v in z.values()) * 0.0
+            return zero + math.inf
+
+
+class _FixedNetNUTS(NUTS):
+    """NUTS for a model whose networks are frozen, with two additions:
+
+    * the potential is guarded (:class:`_GuardedPotential`);
+    * every chain (also in a worker process) runs with ``num_threads`` torch threads, and a
+      worker picks its own start from ``chain_starts`` by its seed (Pyro's parallel sampler
+      gives all workers the same kernel object, hence the last chain's ``initial_params``).
+    """
+
+    def __init__(self, model, *, num_threads: int, chain_starts: dict[str, Tensor] | None = None,
+                 base_seed: int = 0, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self._num_threads = num_threads
+        self._chain_starts = chain_starts
+        self._base_seed = base_seed
+
+    def setup(self, warmup_steps, *args, **kwargs):
+        torch.set_num_threads(self._num_threads)
+        if self._chain_starts is not None and not self.initial_params:
+            chain = (torch.initial_seed() - self._base_seed) % _MAX_SEED
+            num_chains = next(iter(self._chain_starts.values())).shape[0]
+            self.initial_params = {k: v[chain % num_chains] for k, v in self._chain_starts.items()}
+        return super().setup(warmup_steps, *args, **kwargs)
+
+    def _initialize_model_properties(self, model_args, model_kwargs):
+        super()._initialize_model_properties(model_args, model_kwargs)
+        self.potential_fn = _GuardedPotential(self.potential_fn)
+
+
+def _standardizing_transforms(init: StartingValues) -> dict[str, AffineTransform]:
+    """``{site: value -> (value - center) / scale}``: the coordinates NUTS moves in."""
+    out = {}
+    for name, center in init.center.items():
+        scale = init.scale[name].clamp_min(1e-12)
+        out[name] = AffineTransform(-center / scale, 1.0 / scale)
+    return out
+
+
+def _sequential_mcmc(kernel: NUTS, num_samples: int, warmup_steps: int,
+                     initial_params: dict[str, Tensor], progress: bool) -> MCMC:
+    """An :class:`~pyro.infer.MCMC` whose chains run one after the other in this process.
+
+    This is Pyro's own sequential runner (``_UnarySampler``, which ``MCMC`` uses when there
+    are fewer free CPUs than chains), given per-chain ``initial_params (C, ...)``; the
+    result is an ordinary ``MCMC`` with ``num_chains = C``.
+    """
+    num_chains = next(iter(initial_params.values())).shape[0]
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=1,
+                disable_progbar=not progress)
+    mcmc.num_chains = num_chains
+    mcmc._diagnostics = [None] * num_chains
+    mcmc.sampler = _UnarySampler(kernel, num_samples, warmup_steps, num_chains,
+                                 not progress, initial_params=initial_params)
+    return mcmc
+
+
+def _parallel_mcmc(kernel: NUTS, num_samples: int, warmup_steps: int,
+                   initial_params: dict[str, Tensor], progress: bool, mp_context: str) -> MCMC:
+    """Pyro's multiprocessing runner, one worker process per chain; falls back to the
+    sequential runner where Pyro would (fewer free CPUs than chains)."""
+    num_chains = next(iter(initial_params.values())).shape[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="num_chains=.*available_cpu")
+        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
+                    num_chains=num_chains, mp_context=mp_context, disable_progbar=not progress)
+    if not isinstance(mcmc.sampler, _MultiSampler):
+        kernel._chain_starts = None
+        return _sequential_mcmc(kernel, num_samples, warmup_steps, initial_params, progress)
+    return mcmc
+
+
+def _check_nuts_args(model: PyroModule, x: Tensor, num_samples: int, warmup_steps: int,
+                     num_chains: int, target_accept_prob: float, max_tree_depth: int,
+                     chain_method: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (K, T), got {type(x).__name__}")
+    check_sequences(x, "x", n_steps=model.n_steps)
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(num_chains, "num_chains")
+    check_positive_int(max_tree_depth, "max_tree_depth")
+    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    if not 0 < target_accept_prob < 1:
+        raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
+    if not model.latent_sites:
+        raise ValueError("the model has no latent sites to sample")
+
+
+def run_nuts(
+    model: PyroModule,
+    x: Tensor,
+    *,
+    guide: PyroModule | None = None,
+    num_samples: int = 500,
+    warmup_steps: int = 500,
+    num_chains: int = 4,
+    seed: int = 0,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 8,
+    init: StartingValues | None = None,
+    chain_method: str = "sequential",
+    mp_context: str = "spawn",
+    progress: bool = False,
+) -> MCMC:
+    """Sample the latents of the sequences ``x`` with NUTS, the model's networks fixed.
+
+    The target is ``p(omega_k, z_A1_k, z_A2_k | x_k)`` for each of the K sequences (the
+    sites of ``model.latent_sites``, jointly in one NUTS state of ``K * D`` scalars). The
+    model's weights are frozen during the run (:func:`frozen_parameters`) and restored
+    afterwards; they are ``param`` sites, which NUTS never samples.
+
+    Args:
+        model: a trained model, called as ``model(x)``; its sites sit in the ``data`` plate.
+        x: observed sequences ``(K, T)`` [rad], K small (1 to 5).
+        guide: the amortized guide, used for starting values (see :func:`starting_values`).
+        num_samples, warmup_steps: draws kept and warm-up iterations per chain.
+        num_chains: independent chains C (for R-hat, at least 2).
+        seed: seeds the starting values and the chains.
+        target_accept_prob, max_tree_depth: NUTS settings (a tree holds at most
+            ``2**max_tree_depth`` leapfrog steps).
+        init: starting values and preconditioner; computed by :func:`starting_values` if
+            ``None`` (with ``num_chains`` starts).
+        chain_method: ``"sequential"`` (default: chains one after the other in this process,
+            robust and deterministic) or ``"parallel"`` (one worker process per chain with
+            ``mp_context``; falls back to sequential where Pyro has too few CPUs).
+        progress: show Pyro's progress bar.
+
+    Returns:
+        The finished :class:`pyro.infer.MCMC`; ``get_samples(group_by_chain=True)`` gives
+        ``{site: (C, num_samples, K, *event)}``. Convert with :func:`nuts_to_inference_data`.
+    """
+    _check_nuts_args(model, x, num_samples, warmup_steps, num_chains, target_accept_prob,
+                     max_tree_depth, chain_method)
+    with frozen_parameters(model, guide):
+        if init is None:
+            init = starting_values(model, x, guide=guide, num_chains=num_chains, seed=seed)
+        transforms = _standardizing_transforms(init)
+        starts = {k: transforms[k](v.detach()) for k, v in init.values.items()}
+        if next(iter(starts.values())).shape[0] != num_chains:
+            raise ValueError(f"init has {next(iter(starts.values())).shape[0]} chains' starts, "
+                             f"num_chains is {num_chains}")
+        pyro.set_rng_seed(seed)
+        kernel = _FixedNetNUTS(
+            ObservedSitesOnly(model), num_threads=torch.get_num_threads(), transforms=transforms,
+            chain_starts=starts if chain_method == "parallel" else None,
+            base_seed=torch.initial_seed(), target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth, max_plate_nesting=1,
+            init_strategy=init_to_value(values={k: v[0] for k, v in init.values.items()}))
+        if chain_method == "parallel" and num_chains > 1:
+            mcmc = _parallel_mcmc(kernel, num_samples, warmup_steps, starts, progress, mp_context)
+        else:
+            mcmc = _sequential_mcmc(kernel, num_samples, warmup_steps, starts, progress)
+        mcmc.run(x)
+    return mcmc
+
+
+# -- ArviZ -------------------------------------------------------------------------------
+def _coords_dims(model: PyroModule, sequence_ids: Sequence[int]) -> tuple[dict, dict]:
+    coords: dict[str, Any] = {"sequence": np.asarray(sequence_ids),
+                              "time": model.t.detach().cpu().numpy()}
+    dims: dict[str, list[str]] = {"omega": ["sequence"], "x": ["sequence", "time"]}
+    for name in ("z_A1", "z_A2"):
+        if name in model.latent_sites:
+            size = model.dim_z_aux1 if name == "z_A1" else model.dim_z_aux2
+            coords[f"{name}_dim"] = np.arange(size)
+            dims[name] = ["sequence", f"{name}_dim"]
+    return coords, dims
+
+
+def _sequence_ids(sequence_ids: Sequence[int] | None, K: int) -> list[int]:
+    ids = list(range(K)) if sequence_ids is None else [int(i) for i in sequence_ids]
+    if len(ids) != K:
+        raise ValueError(f"sequence_ids has {len(ids)} entries for {K} sequences")
+    return ids
+
+
+def nuts_to_inference_data(mcmc: MCMC, model: PyroModule, x: Tensor, *,
+                           sequence_ids: Sequence[int] | None = None) -> az.InferenceData:
+    """Convert a :func:`run_nuts` result with ``arviz.from_pyro``.
+
+    Groups: ``posterior`` (``omega (chain, draw, sequence)`` [rad/s],
+    ``z_A1 (chain, draw, sequence, z_A1_dim)``, ``z_A2 (..., z_A2_dim)``), ``sample_stats``
+    (``diverging``), ``log_likelihood`` (``x (chain, draw, sequence)``, summed over time) and
+    ``observed_data`` (``x (sequence, time)`` [rad], ``time`` in seconds). ``sequence`` holds
+    ``sequence_ids`` (default ``0..K-1``). ``arviz.summary(idata)`` gives R-hat and ESS.
+
+    Args:
+        x: the sequences the chains were run on ``(K, T)`` (checked against the run).
+    """
+    if mcmc._args is None or mcmc._samples is None:
+        raise ValueError("the MCMC has not been run yet")
+    ran_on = mcmc._args[0]
+    if tuple(ran_on.shape) != tuple(x.shape) or not torch.equal(ran_on.cpu(), x.detach().cpu()):
+        raise ValueError("x is not the data the MCMC was run on")
+    coords, dims = _coords_dims(model, _sequence_ids(sequence_ids, x.shape[0]))
+    with frozen_parameters(model), torch.no_grad():
+        idata = az.from_pyro(mcmc, coords=coords, dims=dims, log_likelihood=True)
+    idata.posterior.attrs["model_setting"] = str(getattr(model.setting, "value", model.setting))
+    return idata
+
+
+# -- the amortization gap ------------------------------------------------------------------
+@torch.no_grad()
+def amortized_samples(guide: PyroModule, x: Tensor, sites: Sequence[str], *,
+                      num_samples: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Draws of the amortized posterior ``q(. | x)``: ``{site: (S, K, *event)}``."""
+    check_positive_int(num_samples, "num_samples")
+    if not sites:
+        return {}
+    pyro.set_rng_seed(seed)
+    draws = Predictive(guide, num_samples=num_samples, return_sites=list(sites), parallel=True)(x)
+    return {k: draws[k].cpu().numpy() for k in sites}
+
+
+def _nuts_draws(posterior: MCMC | az.InferenceData, site: str) -> np.ndarray:
+    """``(chain, draw, K, *event)`` draws of ``site`` from an MCMC or InferenceData."""
+    if isinstance(posterior, az.InferenceData):
+        return posterior.posterior[site].values
+    return posterior.get_samples(group_by_chain=True)[site].detach().cpu().numpy()
+
+
+def _scalar_parameters(site: str, values: np.ndarray, lead: int) -> list[tuple[str, np.ndarray]]:
+    """Split the event dims of ``values (*lead dims, K, *event)`` into named scalars."""
+    event = values.shape[lead + 1:]
+    if not event:
+        return [(site, values)]
+    flat = values.reshape(*values.shape[:lead + 1], -1)
+    return [(f"{site}[{j}]", flat[..., j]) for j in range(flat.shape[-1])]
+
+
+def _summaries(draws: np.ndarray, level: float) -> tuple[float, float, float, float]:
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(draws.mean()), float(draws.std(ddof=1)), float(lo), float(hi)
+
+
+def amortization_gap(
+    model: PyroModule,
+    guide: PyroModule,
+    x: Tensor,
+    mcmc: MCMC | az.InferenceData,
+    *,
+    num_samples: int = 1000,
+    level: float = 0.9,
+    truth: Mapping[str, Sequence[float]] | None = None,
+    sequence_ids: Sequence[int] | None = None,
+    parameters: Sequence[str] | None = None,
+    amortized: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Amortized posterior against NUTS, per sequence and physics parameter.
+
+    Returns a :class:`pandas.DataFrame` with the columns :data:`GAP_COLUMNS`, one row per
+    sequence and scalar parameter (``"omega"``; a vector site ``z`` gives ``"z[0]"``, ...):
+
+    * ``amortized_mean``, ``amortized_sd``, ``amortized_lo``/``_hi`` (central ``level``
+      interval) of ``num_samples`` guide draws;
+    * ``nuts_mean``, ``nuts_sd``, ``nuts_lo``/``_hi`` of all chains' draws, with ``r_hat``
+      (rank-normalized split R-hat), ``ess_bulk`` and ``ess_tail`` (ArviZ);
+    * ``mean_gap_sd = (amortized_mean - nuts_mean) / nuts_sd`` (signed; 0 is no gap) and
+      ``sd_ratio = amortized_sd / nuts_sd`` (1 is no gap; > 1 the guide is too wide);
+    * ``truth``: the true value if given, else NaN. Values are in the parameter's units.
+
+    Args:
+        model: the model the chains sampled (it names the physics parameters).
+        mcmc: a :func:`run_nuts` result or its InferenceData.
+        parameters: sites to compare; default the model's physics parameters, so for an
+            ``nn-only`` model the table has no rows (but the same columns).
+        truth: ``{site: (K,)}`` true values, e.g. from the data set.
+        amortized: precomputed :func:`amortized_samples` (then ``num_samples`` is unused).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    names = list(parameters) if parameters is not None else [p.name for p in model.physics_parameters]
+    missing = [n for n in names if n not in model.latent_sites]
+    if missing:
+        raise ValueError(f"{missing} are not latent sites of the model ({model.latent_sites})")
+    ids = _sequence_ids(sequence_ids, x.shape[0])
+    if amortized is None:
+        amortized = amortized_samples(guide, x, names, num_samples=num_samples, seed=seed)
+    rows = []
+    for site in names:
+        nuts = _nuts_draws(mcmc, site)
+        if nuts.shape[2] != len(ids) or amortized[site].shape[1] != len(ids):
+            raise ValueError(f"{site}: NUTS draws {nuts.shape} and amortized draws "
+                             f"{amortized[site].shape} must both cover the {len(ids)} sequences")
+        true = None if truth is None or site not in truth else np.asarray(truth[site], float)
+        for (name, q), (_, p) in zip(_scalar_parameters(site, amortized[site], 1),
+                                     _scalar_parameters(site, nuts, 2), strict=True):
+            for k, seq in enumerate(ids):
+                rows.append(_gap_row(seq, name, q[:, k], p[:, :, k], level,
+                                     math.nan if true is None else float(true[k])))
+    table = pd.DataFrame(rows, columns=list(GAP_COLUMNS))
+    table.attrs["level"] = level
+    return table
+
+
+def _gap_row(seq: int, name: str, q: np.ndarray, p: np.ndarray, level: float,
+             truth: float) -> dict[str, Any]:
+    """One table row from amortized draws ``q (S,)`` and NUTS draws ``p (chain, draw)``."""
+    qm, qs, qlo, qhi = _summaries(q, level)
+    pm, ps, plo, phi = _summaries(p.reshape(-1), level)
+    return {"sequence": seq, "parameter": name, "truth": truth,
+            "amortized_mean": qm, "amortized_sd": qs, "amortized_lo": qlo, "amortized_hi": qhi,
+            "nuts_mean": pm, "nuts_sd": ps, "nuts_lo": plo, "nuts_hi": phi,
+            **_diagnostics(p),
+            "mean_gap_sd": (qm - pm) / ps if ps > 0 else math.nan,
+            "sd_ratio": qs / ps if ps > 0 else math.nan}
+
+
+def _diagnostics(p: np.ndarray) -> dict[str, float]:
+    """R-hat, bulk and tail ESS of draws ``p (chain, draw)``, computed as ``arviz.summary``
+    computes them (so that they match ``summary.csv``; NaN R-hat for a single chain)."""
+    d = az.summary(p.astype(np.float64), kind="diagnostics", round_to="none").iloc[0]
+    return {"r_hat": float(d["r_hat"]), "ess_bulk": float(d["ess_bulk"]),
+            "ess_tail": float(d["ess_tail"])}
+
+
+def gap_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """The gap table as a Markdown table (numbers with ``digits`` significant digits)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float | np.floating):
+            return "nan" if not np.isfinite(v) else f"{v:.{digits}g}"
+        return str(v)
+
+    head = "| " + " | ".join(table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def plot_amortization_gap(
+    mcmc: MCMC | az.InferenceData,
+    amortized: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    parameter: str = "omega",
+    truth: Sequence[float] | None = None,
+    sequence_ids: Sequence[int] | None = None,
+    level: float = 0.9,
+) -> Path:
+    """Two panels per sequence (columns) for a scalar ``parameter``.
+
+    Top: both posteriors as density histograms (log scale) over the range of both, with
+    their central ``level`` intervals and the true value if given. Bottom: a zoom on the
+    NUTS posterior (the two often differ in width by orders of magnitude), with the
+    amortized posterior as the Normal density of its mean and sd.
+
+    Args:
+        amortized: ``{site: (S, K)}`` guide draws (:func:`amortized_samples`).
+        path: the image file to write (its folder is created).
+    """
+    nuts = _nuts_draws(mcmc, parameter)
+    if nuts.ndim != 3:
+        raise ValueError(f"{parameter!r} is not a scalar site (draws of shape {nuts.shape})")
+    q = np.asarray(amortized[parameter])
+    K = nuts.shape[2]
+    ids = _sequence_ids(sequence_ids, K)
+    fig, axes = plt.subplots(2, K, figsize=(3.8 * K, 5.4), squeeze=False)
+    for k in range(K):
+        p, qk = nuts[:, :, k].reshape(-1), q[:, k]
+        true = None if truth is None else float(truth[k])
+        _plot_full(axes[0, k], p, qk, true, level)
+        _plot_zoom(axes[1, k], p, qk, true)
+        axes[0, k].set_title(f"sequence {ids[k]}", fontsize=9)
+        axes[1, k].set_xlabel(parameter)
+    axes[0, 0].set_ylabel("density (log scale)")
+    axes[1, 0].set_ylabel("density, NUTS range")
+    axes[0, 0].legend(fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_full(ax: plt.Axes, p: np.ndarray, q: np.ndarray, truth: float | None,
+               level: float) -> None:
+    lo_all = min(p.min(), q.min()) if truth is None else min(p.min(), q.min(), truth)
+    hi_all = max(p.max(), q.max()) if truth is None else max(p.max(), q.max(), truth)
+    bins = np.linspace(lo_all, hi_all, 80) if hi_all > lo_all else 10
+    for draws, label, color in ((q, "amortized", "C1"), (p, "NUTS", "C0")):
+        lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+        ax.hist(draws, bins=bins, density=True, histtype="stepfilled", alpha=0.45, color=color,
+                label=f"{label} ({level:.0%}: {lo:.3g}..{hi:.3g})")
+        ax.axvline(draws.mean(), color=color, lw=0.8, ls="--")
+    if truth is not None:
+        ax.axvline(truth, color="k", lw=1.2, label=f"truth {truth:.3g}")
+    ax.set_yscale("log")
+
+
+def _plot_zoom(ax: plt.Axes, p: np.ndarray, q: np.ndarray, truth: float | None) -> None:
+    sd = p.std() if p.std() > 0 else 1e-6
+    lo, hi = p.min() - 2 * sd, p.max() + 2 * sd
+    ax.hist(p, bins=40, density=True, color="C0", alpha=0.6)
+    grid = np.linspace(lo, hi, 200)
+    m, s = q.mean(), max(q.std(), 1e-12)
+    ax.plot(grid, np.exp(-0.5 * ((grid - m) / s) ** 2) / (s * math.sqrt(2 * math.pi)), color="C1")
+    if truth is not None and lo <= truth <= hi:
+        ax.axvline(truth, color="k", lw=1.2)
+    ax.set_xlim(lo, hi)
+
+
+# -- a run directory end to end ------------------------------------------------------------
+def check_sequence_indices(sequences: Sequence[int], n: int) -> list[int]:
+    """Positional indices into a split of ``n`` sequences: non-empty, integers, in
+    ``[0, n)``, no repeats; ``ValueError`` naming the problem otherwise."""
+    seqs = list(sequences)
+    if not seqs:
+        raise ValueError("no sequences chosen: give at least one sequence index")
+    bad = [s for s in seqs if isinstance(s, bool) or not float(s).is_integer()]
+    if bad:
+        raise ValueError(f"sequence indices must be integers, got {bad}")
+    out = [int(s) for s in seqs]
+    outside = [s for s in out if not 0 <= s < n]
+    if outside:
+        raise ValueError(f"sequence indices {outside} out of range: the split has {n} "
+                         f"sequences (valid indices 0..{n - 1})")
+    if len(set(out)) != len(out):
+        raise ValueError(f"sequence indices repeat: {out}")
+    return out
+
+
+def _run_guide(run: Any, x: Tensor, seed: int) -> tuple[Any, str]:
+    """The run's amortized encoder; for a run trained without one (an AutoGuide run, whose
+    ``Run.guide`` is ``None``), the guide that ``Run.guide_for`` fits to ``x``."""
+    if getattr(run, "guide", None) is not None:
+        return run.guide, "amortized"
+    guide_for = getattr(run, "guide_for", None)
+    if guide_for is None:
+        raise ValueError(f"the run in {run.path} has no guide to compare NUTS with")
+    return guide_for(x, seed=seed), str(getattr(run, "guide_kind", "fitted"))
+
+
+def _default_data_dir(run_dir: Path) -> Path:
+    import json
+
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: pass data_dir")
+    return Path(json.loads(config.read_text())["data_dir"])
+
+
+def nuts_report(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    split: str = "test",
+    sequences: Sequence[int] = (0, 1, 2),
+    num_samples: int = 500,
+    warmup_steps: int = 500,
+    num_chains: int = 4,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    amortized_draws: int = 1000,
+    level: float = 0.9,
+    checkpoint: str = "best.pt",
+    chain_method: str = "sequential",
+    max_tree_depth: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """NUTS on a few sequences of a trained run, and the amortization gap of its guide.
+
+    Loads ``run_dir`` (:func:`pyro_physvae.evaluate.load_run`) and ``<data_dir>/<split>.nc``
+    (``data_dir`` defaults to the run's ``config.json`` entry), runs :func:`run_nuts` on the
+    chosen ``sequences`` (positional indices into the split) and writes to ``out_dir``
+    (default ``run_dir/nuts-<split>``). The guide compared with NUTS is the run's amortized
+    encoder (for a run trained with an AutoGuide, whose posterior is not amortized, the guide
+    that ``Run.guide_for`` fits to these sequences):
+
+    * ``nuts.nc``: the InferenceData (netCDF, :func:`nuts_to_inference_data`);
+    * ``summary.csv``: ``arviz.summary`` of all latents (mean, sd, HDI, MCSE, ``ess_bulk``,
+      ``ess_tail``, ``r_hat``);
+    * ``amortization_gap.csv`` and ``.md``: :func:`amortization_gap` with the true values of
+      the data set where it has them;
+    * ``amortization_gap.png``: :func:`plot_amortization_gap` of each physics parameter
+      (``amortization_gap_<name>.png`` if there are several). An ``nn-only`` run has no
+      physics parameter: NUTS still samples its z_A, the gap table has no rows and no
+      figure is written.
+
+    Returns:
+        ``max_r_hat``, ``min_ess_bulk``, ``min_ess_tail`` (over all latent scalars),
+        ``divergences`` (total), ``gap`` (the DataFrame), ``files`` (name -> path), ``guide``
+        (``"amortized"`` or the AutoGuide kind) and the run's settings (``setting``,
+        ``split``, ``sequences``, ``num_chains``, ..., ``time_s`` in seconds).
+
+    Raises:
+        ValueError: bad sequence indices or settings; FileNotFoundError: no run or data.
+    """
+    from pyro_physvae.data.io import load_split
+    from pyro_physvae.evaluate import load_run
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, checkpoint)
+    data_dir = Path(data_dir) if data_dir is not None else _default_data_dir(run_dir)
+    ds = load_split(data_dir, split, system=run.system.name)
+    idx = check_sequence_indices(sequences, int(ds.sizes["sequence"]))
+    ds = ds.isel(sequence=idx)
+    x = run.system.observations(ds)
+    ids = [int(v) for v in ds["sequence"].values] if "sequence" in ds.coords else idx
+    guide, guide_kind = _run_guide(run, x, seed)
+    mcmc = run_nuts(run.model, x, guide=guide, num_samples=num_samples,
+                    warmup_steps=warmup_steps, num_chains=num_chains, seed=seed,
+                    max_tree_depth=max_tree_depth, chain_method=chain_method, progress=progress)
+    idata = nuts_to_inference_data(mcmc, run.model, x, sequence_ids=ids)
+    physics = [p.name for p in run.model.physics_parameters]
+    truth = {n: ds[n].values for n in physics if n in ds}
+    amortized = amortized_samples(guide, x, physics, num_samples=amortized_draws, seed=seed)
+    gap = amortization_gap(run.model, guide, x, idata, level=level, truth=truth,
+                           sequence_ids=ids, amortized=amortized)
+
+    out = Path(out_dir) if out_dir is not None else run_dir / f"nuts-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"nuts.nc": out / "nuts.nc", "summary.csv": out / "summary.csv",
+             "amortization_gap.csv": out / "amortization_gap.csv",
+             "amortization_gap.md": out / "amortization_gap.md"}
+    idata.to_netcdf(str(files["nuts.nc"]))
+    summary = az.summary(idata, var_names=list(run.model.latent_sites), round_to=4)
+    summary.to_csv(files["summary.csv"])
+    gap.to_csv(files["amortization_gap.csv"], index=False)
+    files["amortization_gap.md"].write_text(gap_markdown(gap))
+    for name in physics:
+        fig = "amortization_gap.png" if len(physics) == 1 else f"amortization_gap_{name}.png"
+        files[fig] = plot_amortization_gap(idata, amortized, out / fig, parameter=name,
+                                           truth=truth.get(name), sequence_ids=ids, level=level)
+    divergences = int(idata.sample_stats["diverging"].values.sum())
+    return {"system": run.system.name, "setting": run.setting.value, "split": split,
+            "guide": guide_kind, "sequences": ids, "num_chains": num_chains, "num_samples": num_samples,
+            "warmup_steps": warmup_steps, "max_r_hat": float(summary["r_hat"].max()),
+            "min_ess_bulk": float(summary["ess_bulk"].min()),
+            "min_ess_tail": float(summary["ess_tail"].min()), "divergences": divergences,
+            "gap": gap, "files": {k: str(v) for k, v in files.items()},
+            "time_s": time.perf_counter() - t0}
