@@ -143,3 +143,14 @@ def test_example_script_runs(monkeypatch) -> None:
         "--steps", "30", "--n", "64", "--batch", "32"])
     assert result["last_loss"] < result["first_loss"]
     assert np.isfinite(result["omega_mae"])
+
+
+def test_swap_inference_example_runs() -> None:
+    path = Path(__file__).parents[1] / "examples" / "swap_inference.py"
+    results = runpy.run_path(str(path), run_name="not_main")["main"](
+        ["--n", "40", "--steps", "40", "--batch", "20"])
+    assert len(results) == 3
+    for name, r in results.items():
+        assert r["last_loss"] < r["first_loss"], name
+        assert np.isfinite(r["omega_mae"]) and np.isfinite(r["iwae"]), name
+        assert 0.0 <= r["coverage90"] <= 1.0
