@@ -19,6 +19,7 @@ from pyro_physvae import PhysVAELoss, phys_vae_regularizers
 from pyro_physvae.data.pendulum import PendulumDataConfig, generate
 from pyro_physvae.guides import PendulumGuide
 from pyro_physvae.models import PendulumModel
+from pyro_physvae.systems import get_system
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -37,12 +38,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = PendulumModel("phys+nn+reg")
     guide = PendulumGuide(model)
-    # Weights relative to squared errors (alpha, beta, gamma) times the likelihood precision.
+    # The package's weights relative to squared errors (alpha, beta, gamma), times the
+    # likelihood precision; the KL part weighted by 1 + alpha, as in the reference.
     precision = float(0.5 / model.noise_scale() ** 2)
-    regs = phys_vae_regularizers(alpha=1e-2 * precision, beta=1e-1 * precision,
-                                 gamma=1e-3 * precision)
+    alpha, beta, gamma = get_system("pendulum").reg_weights
+    regs = phys_vae_regularizers(alpha=alpha * precision, beta=beta * precision,
+                                 gamma=gamma * precision)
     optim = pyro.optim.Adam({"lr": 1e-3, "eps": 1e-3}, {"clip_value": 5.0})
-    svi = SVI(model, guide, optim, loss=PhysVAELoss(Trace_ELBO(), regs))
+    svi = SVI(model, guide, optim, loss=PhysVAELoss(Trace_ELBO(), regs, kl_weight=1.0 + alpha))
 
     first = last = None
     for step in range(args.steps):

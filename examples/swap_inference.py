@@ -32,9 +32,10 @@ from pyro_physvae.data.pendulum import PendulumDataConfig, generate
 from pyro_physvae.diagnostics import calibration, iwae_log_likelihood, to_inference_data
 from pyro_physvae.guides import PendulumGuide
 from pyro_physvae.models import PendulumModel
+from pyro_physvae.systems import get_system
 
-#: Reference regularizer weights (alpha, beta, gamma), relative to squared errors.
-WEIGHTS = (1e-2, 1e-1, 1e-3)
+#: The package's regularizer weights (alpha, beta, gamma), relative to squared errors.
+WEIGHTS = get_system("pendulum").reg_weights
 
 
 def phys_vae_loss(model: PendulumModel, elbo: ELBO, amortized: bool) -> PhysVAELoss:
