@@ -14,8 +14,7 @@ into one vector, so they are trained on the full data set at every step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pyro
 import pyro.poutine as poutine
@@ -30,6 +29,7 @@ from pyro.infer.autoguide import (
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import Tensor
 
+from pyro_physvae.nets import frozen_parameters
 from pyro_physvae.validation import check_positive_int
 
 AUTOGUIDES: dict[str, type[AutoGuide]] = {
@@ -78,19 +78,6 @@ def supports_subsampling(guide: Callable) -> bool:
     return not isinstance(guide, AutoGuide) or isinstance(guide, AutoNormal)
 
 
-@contextmanager
-def frozen(module: torch.nn.Module) -> Iterator[None]:
-    """Hold a module's weights fixed (no gradients) while active."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def fit_local_guide(
     model: torch.nn.Module,
     kind: str,
@@ -114,7 +101,7 @@ def fit_local_guide(
     guide = make_autoguide(kind, model)
     fixed_model = poutine.block(model, hide_types=["param"])
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
-    with frozen(model):
+    with frozen_parameters(model):
         guide(x)  # creates the guide's parameters
         optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
         for _ in range(steps):

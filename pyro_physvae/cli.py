@@ -101,6 +101,17 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+def cmd_nuts(args: argparse.Namespace) -> None:
+    from pyro_physvae.mcmc import gap_markdown, nuts_report
+
+    report = nuts_report(args.run, args.data, split=args.split, sequences=args.sequences,
+                         num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains,
+                         seed=args.seed, out_dir=args.out, chain_method=args.chain_method)
+    print(gap_markdown(report["gap"]))
+    print(f"max R-hat {report['max_r_hat']:.4f}, min bulk ESS {report['min_ess_bulk']:.0f}, "
+          f"divergences {report['divergences']}; files in {Path(report['files']['nuts.nc']).parent}")
+
+
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import counterfactual
 
@@ -179,6 +190,13 @@ def _run_data(run_dir: str) -> str:
     return json.loads(config.read_text())["data_dir"]
 
 
+def _indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyro_physvae.autoguides import GUIDES
     from pyro_physvae.ode import METHODS
@@ -250,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps to fit an AutoGuide run's guide on the split")
     d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
     d.set_defaults(func=cmd_diagnose)
+
+    n = sub.add_parser("nuts", help="NUTS over a few sequences' latents (nets fixed), amortization gap")
+    n.add_argument("run", help="run directory")
+    n.add_argument("--data", default=None, help="default: the run's training data directory")
+    n.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    n.add_argument("--sequences", type=_indices, default=(0, 1, 2),
+                   help="comma-separated positions in the split, e.g. 0,1,2")
+    n.add_argument("--samples", type=_positive_int, default=500, help="draws per chain")
+    n.add_argument("--warmup", type=_positive_int, default=500)
+    n.add_argument("--chains", type=_positive_int, default=4)
+    n.add_argument("--chain-method", choices=["sequential", "parallel"], default="sequential")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
+    n.set_defaults(func=cmd_nuts)
 
     c = sub.add_parser("counterfactual", help="decode with omega scaled and compare with truth")
     c.add_argument("run")

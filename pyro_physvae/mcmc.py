@@ -16,16 +16,17 @@ the Gaussian guide). This module runs that comparison:
   the physics parameters per sequence; :func:`nuts_report` does everything for a run
   directory and writes the files.
 
-Why starting values and a rescaling matter here: the ODE likelihood is very sharp (the noise
-std is about 0.008 rad, so the posterior std of omega is a few 1e-3 rad/s) while an auxiliary
-latent that the decoder barely uses keeps its N(0, 1) prior. NUTS from a random start, with
-a unit mass matrix, either sticks or needs maximal trees for every draw (and the warm-up
-adaptation shrinks its variance estimates towards 1e-3, far above 1e-5).
+Why starting values and a preconditioner matter here: the ODE likelihood is very sharp (the
+noise std is about 0.008 rad, so the posterior std of omega is a few 1e-3 rad/s) while an
+auxiliary latent that the decoder barely uses keeps its N(0, 1) prior, and in a trained
+model omega and the auxiliary latents are often correlated above 0.9. NUTS from a random
+start with a unit mass matrix either sticks or needs maximal trees for every draw (and the
+warm-up adaptation shrinks its variance estimates towards 1e-3, far above 1e-5).
 :func:`starting_values` therefore scores candidate points (draws of the amortized guide, its
 mean, a grid over the physics range), refines the best ones with damped Newton steps on the
-log joint density and returns their Laplace standard deviations; NUTS then moves in the
-standardized coordinates ``(value - center) / scale`` (Pyro's ``transforms``), where a unit
-mass matrix fits, and its own adaptation takes over during warm-up.
+log joint density and returns the Laplace approximation there; NUTS then moves in the
+standardized coordinates ``(value - center) / scale`` (Pyro's ``transforms``) with the
+Laplace correlation as a dense inverse mass matrix (see ``mass_matrix`` of :func:`run_nuts`).
 
 Caveat: the model clamps omega to its range ``[low, high]`` before the physics, so outside
 the range the likelihood is flat in omega and the posterior there is the prior times a
@@ -42,8 +43,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +65,14 @@ from pyro.nn import PyroModule  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.distributions.transforms import AffineTransform  # noqa: E402
 
+from pyro_physvae.nets import frozen_parameters  # noqa: E402
 from pyro_physvae.ode import IntegrationError  # noqa: E402
 from pyro_physvae.validation import check_positive_int, check_sequences  # noqa: E402
 
 #: How chains are run: one after the other in this process, or in worker processes.
 CHAIN_METHODS = ("sequential", "parallel")
+#: Inverse mass matrices of :func:`run_nuts`.
+MASS_MATRICES = ("laplace", "laplace+adapt", "diagonal")
 #: Columns of the table returned by :func:`amortization_gap`, in order.
 GAP_COLUMNS = (
     "sequence", "parameter", "truth",
@@ -78,26 +81,6 @@ GAP_COLUMNS = (
     "mean_gap_sd", "sd_ratio",
 )
 _MAX_SEED = 2**32 - 1
-
-
-# -- the networks held fixed ---------------------------------------------------------------
-@contextmanager
-def frozen_parameters(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Set ``requires_grad=False`` on every parameter of ``modules`` (``None`` entries are
-    skipped) and restore each parameter's own flag on exit, also after an exception.
-
-    Inside, autograd records no operation on the weights, so a gradient of the model's log
-    density with respect to its latents costs no weight-gradient bookkeeping.
-    """
-    params = {id(p): p for m in modules if m is not None for p in m.parameters()}
-    before = {k: p.requires_grad for k, p in params.items()}
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-        yield
-    finally:
-        for k, p in params.items():
-            p.requires_grad_(before[k])
 
 
 # -- latents as one flat vector per sequence ------------------------------------------------
@@ -232,23 +215,27 @@ def _newton_refine(model: PyroModule, x: Tensor, layout: LatentLayout, flat: Ten
 
 @dataclass
 class StartingValues:
-    """Per-chain starting points and a per-coordinate location and scale of the posterior.
+    """Per-chain starting points and a Gaussian (Laplace) sketch of the posterior.
 
     Attributes:
         values: ``{site: (C, K, *event)}``, one start per chain and sequence.
         center: ``{site: (K, *event)}``, the best refined point of each sequence.
-        scale: ``{site: (K, *event)}``, approximate posterior standard deviations (Laplace,
-            root mean square over the chains' starts), in the site's units.
+        scale: ``{site: (K, *event)}``, approximate posterior standard deviations, in the
+            site's units.
+        correlation: ``(K, D, D)`` approximate posterior correlation of each sequence's
+            ``D`` latent scalars, in :class:`LatentLayout` order.
         log_joint: ``(C, K)`` log joint density at the starts.
 
     :func:`run_nuts` lets NUTS move in the standardized coordinates
-    ``(value - center) / scale``, where a unit mass matrix fits and the warm-up adaptation
-    (whose variance estimate is shrunk towards 1e-3) works on a well-scaled problem.
+    ``(value - center) / scale`` (where the warm-up adaptation, whose variance estimates
+    are shrunk towards 1e-3, works on a well-scaled problem) with the correlation as the
+    initial dense inverse mass matrix.
     """
 
     values: dict[str, Tensor]
     center: dict[str, Tensor]
     scale: dict[str, Tensor]
+    correlation: Tensor
     log_joint: Tensor
 
 
@@ -304,9 +291,9 @@ def starting_values(model: PyroModule, x: Tensor, *, guide: PyroModule | None = 
     sequence (sequences are independent given the fixed nets); every sequence's
     ``num_chains`` best candidates are refined by ``refine_steps`` damped Newton steps, and
     chain ``c`` starts at the ``c``-th refined point plus one draw from its Laplace
-    approximation, so that chains do not start at the same point. The Laplace marginal
-    standard deviations (root mean square over the chains whose Hessian is negative
-    definite; the prior's where none is) are the scales.
+    approximation, so that chains do not start at the same point. The Laplace covariance
+    (averaged over the chains whose Hessian is negative definite; the prior's where none
+    is) gives the scales and correlations.
 
     Args:
         x: observed sequences ``(K, T)`` [rad].
@@ -327,34 +314,40 @@ def starting_values(model: PyroModule, x: Tensor, *, guide: PyroModule | None = 
         return _starting_values(model, x, layout, guide, num_chains, num_candidates, refine_steps)
 
 
-def _starting_values(model: PyroModule, x: Tensor, layout: LatentLayout, guide: PyroModule | None,
-                     num_chains: int, num_candidates: int, refine_steps: int) -> StartingValues:
-    cand = _candidates(model, x, layout, guide, max(num_candidates, num_chains))
+def _best_candidates(model: PyroModule, x: Tensor, layout: LatentLayout, cand: Tensor,
+                     num_chains: int) -> Tensor:
+    """The ``num_chains`` candidates ``(C, K, D)`` of highest log joint density per sequence."""
     score = torch.nan_to_num(_safe_log_joint(model, x, layout, cand), nan=-math.inf)
     top = score.topk(num_chains, dim=0)  # (C, K)
     if not bool(torch.isfinite(top.values).all()):
         bad = (~torch.isfinite(top.values)).any(0).nonzero().flatten().tolist()
         raise ValueError(f"fewer than {num_chains} candidate starting points of finite density "
                          f"for sequences {bad}: the ODE blows up almost everywhere")
-    best = top.indices
-    starts = torch.gather(cand, 0, best.unsqueeze(-1).expand(num_chains, *cand.shape[1:]))
+    return torch.gather(cand, 0, top.indices.unsqueeze(-1).expand(num_chains, *cand.shape[1:]))
+
+
+def _starting_values(model: PyroModule, x: Tensor, layout: LatentLayout, guide: PyroModule | None,
+                     num_chains: int, num_candidates: int, refine_steps: int) -> StartingValues:
+    cand = _candidates(model, x, layout, guide, max(num_candidates, num_chains))
+    starts = _best_candidates(model, x, layout, cand, num_chains)
     starts, hess = _newton_refine(model, x, layout, starts, refine_steps)
-    value = _safe_log_joint(model, x, layout, starts)
-    center = starts[value.argmax(0), torch.arange(x.shape[0])]
-    cov, good = _laplace_covariance(hess)
-    variance = torch.diagonal(cov, dim1=-2, dim2=-1)  # (C, K, D)
-    weight = good.to(variance.dtype).unsqueeze(-1)
-    mean_var = (variance * weight).sum(0) / weight.sum(0).clamp_min(1)
-    prior_var = _prior_variance(model, layout).to(variance)
-    scale = torch.where(good.any(0).unsqueeze(-1), mean_var, prior_var).sqrt()
+    center = starts[_safe_log_joint(model, x, layout, starts).argmax(0), torch.arange(x.shape[0])]
+    cov, good = _laplace_covariance(hess)  # (C, K, D, D), (C, K)
+    weight = good.to(cov.dtype)[..., None, None]
+    mean_cov = (cov * weight).sum(0) / weight.sum(0).clamp_min(1)
+    prior_cov = torch.diag(_prior_variance(model, layout)).to(cov)
+    mean_cov = torch.where(good.any(0)[..., None, None], mean_cov, prior_cov)
+    scale = torch.diagonal(mean_cov, dim1=-2, dim2=-1).sqrt()
+    correlation = mean_cov / (scale.unsqueeze(-1) * scale.unsqueeze(-2))
     # Jitter by a Laplace draw where the Laplace approximation exists, keeping the density finite.
-    chol = torch.linalg.cholesky_ex(cov)[0] * weight.unsqueeze(-1)
+    chol = torch.linalg.cholesky_ex(cov)[0] * weight
     noise = torch.randn(*starts.shape, 1, dtype=x.dtype, device=x.device)
     jittered = starts + (chol @ noise).squeeze(-1)
     ok = torch.isfinite(_safe_log_joint(model, x, layout, jittered)) & good
     starts = torch.where(ok.unsqueeze(-1), jittered, starts)
     return StartingValues(layout.unflatten(starts), layout.unflatten(center),
-                          layout.unflatten(scale), _safe_log_joint(model, x, layout, starts))
+                          layout.unflatten(scale), correlation,
+                          _safe_log_joint(model, x, layout, starts))
 
 
 def _prior_variance(model: PyroModule, layout: LatentLayout) -> Tensor:
@@ -410,18 +403,23 @@ class _GuardedPotential:
 
 
 class _FixedNetNUTS(NUTS):
-    """NUTS for a model whose networks are frozen, with two additions:
+    """NUTS for a model whose networks are frozen, with three additions:
 
     * the potential is guarded (:class:`_GuardedPotential`);
+    * ``inverse_mass``, if given, replaces the unit matrix as the initial inverse mass
+      matrix (dense ``(KD, KD)`` with ``full_mass=True``, else diagonal ``(KD,)``, in
+      Pyro's order of the latent scalars);
     * every chain (also in a worker process) runs with ``num_threads`` torch threads, and a
       worker picks its own start from ``chain_starts`` by its seed (Pyro's parallel sampler
       gives all workers the same kernel object, hence the last chain's ``initial_params``).
     """
 
-    def __init__(self, model, *, num_threads: int, chain_starts: dict[str, Tensor] | None = None,
-                 base_seed: int = 0, **kwargs) -> None:
+    def __init__(self, model, *, num_threads: int, inverse_mass: Tensor | None = None,
+                 chain_starts: dict[str, Tensor] | None = None, base_seed: int = 0,
+                 **kwargs) -> None:
         super().__init__(model, **kwargs)
         self._num_threads = num_threads
+        self._inverse_mass = inverse_mass
         self._chain_starts = chain_starts
         self._base_seed = base_seed
 
@@ -436,6 +434,43 @@ class _FixedNetNUTS(NUTS):
     def _initialize_model_properties(self, model_args, model_kwargs):
         super()._initialize_model_properties(model_args, model_kwargs)
         self.potential_fn = _GuardedPotential(self.potential_fn)
+
+    def _initialize_adapter(self):
+        super()._initialize_adapter()
+        if self._inverse_mass is None:
+            return
+        adapter = self._adapter.mass_matrix_adapter
+        (sites,) = adapter.inverse_mass_matrix  # one block: all sites, dense or diagonal
+        current = adapter.inverse_mass_matrix[sites]
+        if current.shape != self._inverse_mass.shape:
+            raise ValueError(f"inverse mass matrix of shape {tuple(self._inverse_mass.shape)} "
+                             f"for a block of shape {tuple(current.shape)}")
+        adapter.inverse_mass_matrix = {sites: self._inverse_mass.to(current)}
+        if self._adapter.adapt_step_size:
+            self._adapter.reset_step_size_adaptation(self._initial_params)
+
+
+def _pyro_order(layout: LatentLayout, K: int) -> Tensor:
+    """``(K, D)`` positions of each sequence's latent scalars in Pyro's flat vector, which
+    concatenates the sites in sorted order, each flattened as ``(K, *event)``."""
+    index = torch.empty(K, layout.dim, dtype=torch.long)
+    offset = 0
+    for size in layout.sizes:
+        for k in range(K):
+            index[k, offset:offset + size] = K * offset + k * size + torch.arange(size)
+        offset += size
+    return index
+
+
+def dense_inverse_mass(layout: LatentLayout, correlation: Tensor) -> Tensor:
+    """The ``(K D, K D)`` block-diagonal inverse mass matrix of the standardized latents:
+    each sequence's ``(D, D)`` correlation block placed at its scalars' positions."""
+    K, D = correlation.shape[0], layout.dim
+    index = _pyro_order(layout, K)
+    out = torch.zeros(K * D, K * D, dtype=correlation.dtype, device=correlation.device)
+    for k in range(K):
+        out[index[k][:, None], index[k][None, :]] = correlation[k]
+    return out
 
 
 def _standardizing_transforms(init: StartingValues) -> dict[str, AffineTransform]:
@@ -511,6 +546,7 @@ def run_nuts(
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 8,
     init: StartingValues | None = None,
+    mass_matrix: str = "laplace",
     chain_method: str = "sequential",
     mp_context: str = "spawn",
     progress: bool = False,
@@ -533,6 +569,13 @@ def run_nuts(
             ``2**max_tree_depth`` leapfrog steps).
         init: starting values and preconditioner; computed by :func:`starting_values` if
             ``None`` (with ``num_chains`` starts).
+        mass_matrix: NUTS moves in the standardized latents ``(value - center) / scale``
+            with the inverse mass matrix ``"laplace"`` (default: the dense Laplace
+            correlation of each sequence's latents, kept fixed; omega and the auxiliary
+            latents of a trained model are often correlated above 0.9, which a diagonal
+            matrix cannot undo), ``"laplace+adapt"`` (the same to start with, then Pyro's
+            dense warm-up adaptation; for long warm-ups and non-Gaussian posteriors) or
+            ``"diagonal"`` (Pyro's diagonal adaptation from the unit matrix).
         chain_method: ``"sequential"`` (default: chains one after the other in this process,
             robust and deterministic) or ``"parallel"`` (one worker process per chain with
             ``mp_context``; falls back to sequential where Pyro has too few CPUs).
@@ -544,6 +587,8 @@ def run_nuts(
     """
     _check_nuts_args(model, x, num_samples, warmup_steps, num_chains, target_accept_prob,
                      max_tree_depth, chain_method)
+    if mass_matrix not in MASS_MATRICES:
+        raise ValueError(f"mass_matrix must be one of {MASS_MATRICES}, got {mass_matrix!r}")
     with frozen_parameters(model, guide):
         if init is None:
             init = starting_values(model, x, guide=guide, num_chains=num_chains, seed=seed)
@@ -553,8 +598,11 @@ def run_nuts(
             raise ValueError(f"init has {next(iter(starts.values())).shape[0]} chains' starts, "
                              f"num_chains is {num_chains}")
         pyro.set_rng_seed(seed)
+        dense = mass_matrix != "diagonal"
         kernel = _FixedNetNUTS(
             ObservedSitesOnly(model), num_threads=torch.get_num_threads(), transforms=transforms,
+            inverse_mass=dense_inverse_mass(LatentLayout.of(model), init.correlation) if dense else None,
+            full_mass=dense, adapt_mass_matrix=mass_matrix != "laplace",
             chain_starts=starts if chain_method == "parallel" else None,
             base_seed=torch.initial_seed(), target_accept_prob=target_accept_prob,
             max_tree_depth=max_tree_depth, max_plate_nesting=1,
@@ -776,9 +824,9 @@ def plot_amortization_gap(
         _plot_zoom(axes[1, k], p, qk, true)
         axes[0, k].set_title(f"sequence {ids[k]}", fontsize=9)
         axes[1, k].set_xlabel(parameter)
+        axes[0, k].legend(fontsize=6)
     axes[0, 0].set_ylabel("density (log scale)")
     axes[1, 0].set_ylabel("density, NUTS range")
-    axes[0, 0].legend(fontsize=7)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -869,6 +917,7 @@ def nuts_report(
     level: float = 0.9,
     checkpoint: str = "best.pt",
     chain_method: str = "sequential",
+    mass_matrix: str = "laplace",
     max_tree_depth: int = 8,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -915,7 +964,8 @@ def nuts_report(
     guide, guide_kind = _run_guide(run, x, seed)
     mcmc = run_nuts(run.model, x, guide=guide, num_samples=num_samples,
                     warmup_steps=warmup_steps, num_chains=num_chains, seed=seed,
-                    max_tree_depth=max_tree_depth, chain_method=chain_method, progress=progress)
+                    max_tree_depth=max_tree_depth, chain_method=chain_method,
+                    mass_matrix=mass_matrix, progress=progress)
     idata = nuts_to_inference_data(mcmc, run.model, x, sequence_ids=ids)
     physics = [p.name for p in run.model.physics_parameters]
     truth = {n: ds[n].values for n in physics if n in ds}

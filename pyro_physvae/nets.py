@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -134,3 +135,22 @@ class MLP(PyroModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bind()(x)
+
+
+@contextmanager
+def frozen_parameters(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter of ``modules`` (``None`` entries are
+    skipped) and restore each parameter's own flag on exit, also after an exception.
+
+    Inside, autograd records no operation on the weights, so a gradient of the model's log
+    density with respect to its latents costs no weight-gradient bookkeeping.
+    """
+    params = {id(p): p for m in modules if m is not None for p in m.parameters()}
+    before = {k: p.requires_grad for k, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(before[k])

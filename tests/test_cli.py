@@ -154,3 +154,16 @@ def test_swap_inference_example_runs() -> None:
         assert r["last_loss"] < r["first_loss"], name
         assert np.isfinite(r["omega_mae"]) and np.isfinite(r["iwae"]), name
         assert 0.0 <= r["coverage90"] <= 1.0
+
+
+def test_nuts_command(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "nuts"
+    main(["nuts", str(run_dir), "--sequences", "0,2", "--samples", "30", "--warmup", "30",
+          "--chains", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "max R-hat" in printed and "omega" in printed
+    assert {"nuts.nc", "summary.csv", "amortization_gap.csv", "amortization_gap.md"} <= \
+        {p.name for p in out.iterdir()}
+    with pytest.raises(SystemExit):
+        main(["nuts", str(run_dir), "--sequences", "0,x"])
+    assert "comma-separated integers" in capsys.readouterr().err
