@@ -186,13 +186,16 @@ def write_json(obj: Any, path: Path) -> Path:
 
 def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
              num_samples: int = 100, out_dir: str | Path | None = None,
-             checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+             checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
+             guide_steps: int = 1000) -> dict[str, Any]:
     """Evaluate a run on a split: writes ``metrics.json`` and figures to ``out_dir``
-    (default ``run_dir/eval-<split>``) and returns the metrics."""
+    (default ``run_dir/eval-<split>``) and returns the metrics. An AutoGuide run fits its
+    guide on the split first (``guide_steps`` steps)."""
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = load_split(data_dir, split, system=run.system.name)
     x = run.system.observations(ds, device)
-    draws = sample_posterior(run.model, run.guide_for(x, seed=seed), x, num_samples, seed=seed)
+    guide = run.guide_for(x, steps=guide_steps, seed=seed)
+    draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
     metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
                "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,

@@ -52,7 +52,7 @@ def test_each_autoguide_trains_and_evaluates(kind, tiny_data_dir, tmp_path):
     assert _improved(history, "val_mse", 0.6)  # validated on the training sequences
     run = load_run(tmp_path)
     assert run.guide is None and run.guide_kind == kind
-    metrics = evaluate(tmp_path, tiny_data_dir, split="test", num_samples=20)
+    metrics = evaluate(tmp_path, tiny_data_dir, split="test", num_samples=20, guide_steps=100)
     assert math.isfinite(metrics["recon_mse"]) and math.isfinite(metrics["omega"]["mae"])
 
 
