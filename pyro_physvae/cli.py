@@ -85,7 +85,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import evaluate
 
     metrics = evaluate(args.run, args.data or _run_data(args.run), split=args.split,
-                       num_samples=args.samples, out_dir=args.out, device=args.device)
+                       num_samples=args.samples, out_dir=args.out, device=args.device,
+                       guide_steps=args.guide_steps)
     print(json.dumps(metrics, indent=2))
 
 
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=_positive_int, default=100)
     e.add_argument("--out", default=None)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--guide-steps", type=_positive_int, default=1000,
+                   help="steps to fit an AutoGuide run's guide on the split")
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("diagnose", help="ArviZ InferenceData, summaries, IWAE, calibration, figures")
