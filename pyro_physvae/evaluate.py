@@ -187,19 +187,21 @@ def write_json(obj: Any, path: Path) -> Path:
 def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
              num_samples: int = 100, out_dir: str | Path | None = None,
              checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
-             guide_steps: int = 1000) -> dict[str, Any]:
+             guide_steps: int = 1000, iwae_particles: int = 50) -> dict[str, Any]:
     """Evaluate a run on a split: writes ``metrics.json`` and figures to ``out_dir``
-    (default ``run_dir/eval-<split>``) and returns the metrics. An AutoGuide run fits its
-    guide on the split first (``guide_steps`` steps)."""
+    (default ``run_dir/eval-<split>``) and returns the metrics, among them the mean IWAE
+    log-likelihood per sequence (``iwae_particles`` importance samples), which compares
+    settings. An AutoGuide run fits its guide on the split first (``guide_steps`` steps)."""
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = load_split(data_dir, split, system=run.system.name)
     x = run.system.observations(ds, device)
     guide = run.guide_for(x, steps=guide_steps, seed=seed)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
+    iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
     metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
                "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
-               **compute_metrics(ds, x, draws, physics)}
+               **compute_metrics(ds, x, draws, physics), "iwae_log_likelihood": _iwae_summary(iwae)}
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
     plot_reconstructions(ds, x, draws, out / "reconstructions.png")
     for name in physics:
@@ -248,9 +250,7 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
         "system": run.system.name, "setting": run.setting.value, "guide": run.guide_kind,
         "split": split, "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
         **compute_metrics(ds, x, draws, physics),
-        "iwae_log_likelihood": {"particles": iwae_particles, "mean": float(iwae.mean()),
-                                "stderr": float(iwae.std() / math.sqrt(iwae.numel())),
-                                "median": float(iwae.median())},
+        "iwae_log_likelihood": _iwae_summary(iwae),
     }
     report["calibration"] = _calibrate(run, draws, ds, physics, data_dir, calibrate_on, num_samples,
                                        guide_steps, seed, out)
@@ -260,6 +260,12 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     _save(plt.gcf(), out / "ppc.png")
     write_json(report, out / "diagnostics.json")
     return report
+
+
+def _iwae_summary(iwae: Tensor) -> dict[str, float]:
+    """Mean (with its standard error) and median of per-sequence IWAE log-likelihoods [nats]."""
+    return {"mean": float(iwae.mean()), "stderr": float(iwae.std() / math.sqrt(iwae.numel())),
+            "median": float(iwae.median())}
 
 
 def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tuple[str, ...],

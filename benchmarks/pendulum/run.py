@@ -41,6 +41,7 @@ def main() -> None:
                      "recon_mse": m["recon_mse"], "physics_only_mse": m.get("physics_only_mse"),
                      "omega_mae": om.get("mae"), "omega_corr": om.get("corr"),
                      "omega_coverage90": om.get("coverage90"),
+                     "iwae_log_likelihood": m["iwae_log_likelihood"]["mean"],
                      "s_per_epoch_median": float(np.median(times)),
                      "torch_threads": last["torch_threads"]})
     meta = {"date": date.today().isoformat(), "machine": platform.platform(),
@@ -48,13 +49,14 @@ def main() -> None:
             "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["| setting | test recon MSE | physics-only MSE | omega MAE | omega corr | "
-             "omega 90% coverage | best epoch | s/epoch (median) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "omega 90% coverage | IWAE log-lik | best epoch | s/epoch (median) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = lambda v, p=".4g": "n/a" if v is None else format(v, p)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['setting']} | {f(r['recon_mse'])} | {f(r['physics_only_mse'])} | "
                      f"{f(r['omega_mae'], '.3f')} | {f(r['omega_corr'], '.3f')} | "
-                     f"{f(r['omega_coverage90'], '.3f')} | {r['best_epoch']} | "
+                     f"{f(r['omega_coverage90'], '.3f')} | {r['iwae_log_likelihood']:.1f} | "
+                     f"{r['best_epoch']} | "
                      f"{r['s_per_epoch_median']:.3f} |")
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
