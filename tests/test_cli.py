@@ -60,6 +60,8 @@ def test_evaluate_writes_metrics_and_figures(run_dir: Path, tmp_path: Path, caps
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_sequences"] == 16 and metrics["recon_mse"] > 0
     assert set(metrics["omega"]) >= {"mae", "corr", "coverage90"}
+    iwae = metrics["iwae_log_likelihood"]
+    assert iwae["stderr"] > 0 and np.isfinite(iwae["mean"]) and np.isfinite(iwae["median"])
     assert (out / "reconstructions.png").stat().st_size > 1000
     assert (out / "omega.png").stat().st_size > 1000
     assert '"recon_mse"' in capsys.readouterr().out
