@@ -4,8 +4,8 @@
 
 Needs the trained run of ``train_all.py`` / ``run.py`` in ``--out``. Runs ``physvae diagnose``
 on the test split (200 posterior draws per sequence, interval widening fitted on the validation
-split, IWAE with 100 particles) and ``physvae nuts`` on a few test sequences (4 chains of 500
-draws after 500 warm-up steps), then writes ``posterior.json`` and ``posterior.md`` with the
+split, IWAE with 100 particles) and ``physvae nuts`` on a few test sequences (4 chains of 1000
+draws after 1000 warm-up steps), then writes ``posterior.json`` and ``posterior.md`` with the
 coverage of omega's central intervals (raw and widened), the IWAE test log-likelihood, R-hat,
 ESS and the amortization-gap table.
 """
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--setting", default="phys+nn+reg")
     p.add_argument("--sequences", default="0,1,2")
     p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--samples", type=int, default=500)
-    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
