@@ -33,6 +33,7 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     plot_calibration,
     sample_posterior,
 )
+from pyro_physvae.files import atomic_write  # noqa: E402
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.systems import System, get_system  # noqa: E402
 from pyro_physvae.train import resolve_device  # noqa: E402
@@ -241,7 +242,7 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     out.mkdir(parents=True, exist_ok=True)
 
     idata = draws_to_inference_data(draws, x, dataset=ds)
-    _atomic(lambda tmp: idata.to_netcdf(str(tmp)), out / "inference_data.nc")
+    atomic_write(out / "inference_data.nc", idata.to_netcdf)
     if physics:
         summary = az.summary(idata, var_names=list(physics), kind="stats", hdi_prob=INTERVAL)
         summary.to_csv(out / "summary.csv")
@@ -335,16 +336,6 @@ def _plot_forest(idata: az.InferenceData, physics: tuple[str, ...], ds: xr.Datas
             ax.plot(truth, sorted(ticks, reverse=True)[:len(truth)], "x", color="C3", label=f"true {name}")
     ax.legend(fontsize=7)
     _save(ax.figure, path)
-
-
-def _atomic(write: Callable[[Path], Any], path: Path) -> None:
-    """Write through ``write(tmp)`` and move into place, so a failure leaves no partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def counterfactual(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",

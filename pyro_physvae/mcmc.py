@@ -65,6 +65,7 @@ from pyro.nn import PyroModule  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.distributions.transforms import AffineTransform  # noqa: E402
 
+from pyro_physvae.files import atomic_write  # noqa: E402
 from pyro_physvae.nets import frozen_parameters  # noqa: E402
 from pyro_physvae.ode import IntegrationError  # noqa: E402
 from pyro_physvae.validation import check_positive_int, check_sequences  # noqa: E402
@@ -978,7 +979,7 @@ def nuts_report(
     files = {"nuts.nc": out / "nuts.nc", "summary.csv": out / "summary.csv",
              "amortization_gap.csv": out / "amortization_gap.csv",
              "amortization_gap.md": out / "amortization_gap.md"}
-    idata.to_netcdf(str(files["nuts.nc"]))
+    atomic_write(files["nuts.nc"], idata.to_netcdf)
     summary = az.summary(idata, var_names=list(run.model.latent_sites), round_to=4)
     summary.to_csv(files["summary.csv"])
     gap.to_csv(files["amortization_gap.csv"], index=False)

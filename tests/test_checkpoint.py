@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from pyro_physvae.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from pyro_physvae.files import atomic_write
 
 
 def test_round_trip(tmp_path):
@@ -85,3 +87,19 @@ def test_unsafe_objects_are_not_unpickled(tmp_path):
     torch.save({"format_version": FORMAT_VERSION, "obj": Custom()}, path)
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_checkpoint(path)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "inference_data.nc"
+    path.write_text("old")
+
+    def failing(tmp: str) -> None:
+        Path(tmp).write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["inference_data.nc"]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("new"))
+    assert path.read_text() == "new"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
+from pyro_physvae.files import atomic_write
 from pyro_physvae.validation import check_sequences
 
 SPLITS = ("train", "valid", "test")
@@ -18,17 +18,7 @@ SPLITS = ("train", "valid", "test")
 def save_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` to ``path`` (netCDF) atomically: an existing file is replaced only once
     the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine="h5netcdf")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
 
 
 def load_dataset(path: str | os.PathLike, *, system: str | None = None) -> xr.Dataset:
