@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import evaluate
 
-    metrics = evaluate(args.run, args.data or _run_data(args.run), split=args.split,
+    metrics = evaluate(args.run, args.data, split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device,
                        guide_steps=args.guide_steps)
     print(json.dumps(metrics, indent=2))
@@ -116,7 +116,7 @@ def cmd_nuts(args: argparse.Namespace) -> None:
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import counterfactual
 
-    report = counterfactual(args.run, args.data or _run_data(args.run), split=args.split,
+    report = counterfactual(args.run, args.data, split=args.split,
                             factors=args.factors, n_sequences=args.sequences, out_dir=args.out)
     for r in report["results"]:
         print(f"omega x {r['factor']:<4g}  MSE {r['mse']:.4g}  (physics part {r['physics_only_mse']:.4g})")
@@ -180,15 +180,6 @@ posterior samples each.
 
 ![counterfactual](eval/counterfactual.png)
 """
-
-
-def _run_data(run_dir: str) -> str:
-    if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    config = Path(run_dir) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: pass --data")
-    return json.loads(config.read_text())["data_dir"]
 
 
 def _indices(text: str) -> tuple[int, ...]:

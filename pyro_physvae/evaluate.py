@@ -59,6 +59,10 @@ class Run:
     path: Path
     guide_kind: str = "amortized"
 
+    def load(self, split: str, data_dir: str | Path | None = None) -> xr.Dataset:
+        """A split of ``data_dir``, by default the directory the run was trained on."""
+        return load_split(data_dir or self.checkpoint["data_dir"], split, system=self.system.name)
+
     def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0) -> Callable:
         """A guide over the latents of the sequences ``x``: the amortized encoder itself, or
         an AutoGuide of the run's kind fitted with the model held fixed."""
@@ -185,7 +189,7 @@ def write_json(obj: Any, path: Path) -> Path:
     return path
 
 
-def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
+def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
              num_samples: int = 100, out_dir: str | Path | None = None,
              checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
              guide_steps: int = 1000, iwae_particles: int = 50) -> dict[str, Any]:
@@ -194,7 +198,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
     log-likelihood per sequence (``iwae_particles`` importance samples), which compares
     settings. An AutoGuide run fits its guide on the split first (``guide_steps`` steps)."""
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
-    ds = load_split(data_dir, split, system=run.system.name)
+    ds = run.load(split, data_dir)
     x = run.system.observations(ds, device)
     guide = run.guide_for(x, steps=guide_steps, seed=seed)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
@@ -232,8 +236,7 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     An AutoGuide run fits its guide on each split first (``guide_steps`` steps).
     """
     run = load_run(run_dir, checkpoint)
-    data_dir = data_dir or run.checkpoint["data_dir"]
-    ds = load_split(data_dir, split, system=run.system.name)
+    ds = run.load(split, data_dir)
     x = run.system.observations(ds)
     guide = run.guide_for(x, steps=guide_steps, seed=seed)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
@@ -270,7 +273,7 @@ def _iwae_summary(iwae: Tensor) -> dict[str, float]:
 
 
 def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tuple[str, ...],
-               data_dir: str | Path, calibrate_on: str | None, num_samples: int, guide_steps: int,
+               data_dir: str | Path | None, calibrate_on: str | None, num_samples: int, guide_steps: int,
                seed: int, out: Path) -> dict[str, Any]:
     """Calibration tables of every physics parameter with a truth; see :func:`diagnose`."""
     names = [p for p in physics if p in ds]
@@ -278,7 +281,7 @@ def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tupl
         return {}
     held_out = None
     if calibrate_on is not None and calibrate_on != ds.attrs.get("split"):
-        cal_ds = load_split(data_dir, calibrate_on, system=run.system.name)
+        cal_ds = run.load(calibrate_on, data_dir)
         if all(p in cal_ds for p in names):
             x_cal = run.system.observations(cal_ds)
             guide = run.guide_for(x_cal, steps=guide_steps, seed=seed)
@@ -338,7 +341,7 @@ def _plot_forest(idata: az.InferenceData, physics: tuple[str, ...], ds: xr.Datas
     _save(ax.figure, path)
 
 
-def counterfactual(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
+def counterfactual(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
                    factors: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 3.0), n_sequences: int = 100,
                    num_samples: int = 100, out_dir: str | Path | None = None,
                    checkpoint: str = "best.pt", seed: int = 0) -> dict[str, Any]:
@@ -359,7 +362,7 @@ def counterfactual(run_dir: str | Path, data_dir: str | Path, *, split: str = "t
         raise ValueError(f"counterfactuals are defined for the pendulum, not {run.system.name!r}")
     if not run.setting.has_physics:
         raise ValueError("a counterfactual needs a physics parameter; the nn-only model has none")
-    ds = load_split(data_dir, split, system="pendulum")
+    ds = run.load(split, data_dir)
     missing = [v for v in ("init", "omega", "damping", "forcing_amplitude", "forcing_frequency")
                if v not in ds]
     if missing:

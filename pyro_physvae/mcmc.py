@@ -883,26 +883,6 @@ def check_sequence_indices(sequences: Sequence[int], n: int) -> list[int]:
     return out
 
 
-def _run_guide(run: Any, x: Tensor, seed: int) -> tuple[Any, str]:
-    """The run's amortized encoder; for a run trained without one (an AutoGuide run, whose
-    ``Run.guide`` is ``None``), the guide that ``Run.guide_for`` fits to ``x``."""
-    if getattr(run, "guide", None) is not None:
-        return run.guide, "amortized"
-    guide_for = getattr(run, "guide_for", None)
-    if guide_for is None:
-        raise ValueError(f"the run in {run.path} has no guide to compare NUTS with")
-    return guide_for(x, seed=seed), str(getattr(run, "guide_kind", "fitted"))
-
-
-def _default_data_dir(run_dir: Path) -> Path:
-    import json
-
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: pass data_dir")
-    return Path(json.loads(config.read_text())["data_dir"])
-
-
 def nuts_report(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -925,7 +905,7 @@ def nuts_report(
     """NUTS on a few sequences of a trained run, and the amortization gap of its guide.
 
     Loads ``run_dir`` (:func:`pyro_physvae.evaluate.load_run`) and ``<data_dir>/<split>.nc``
-    (``data_dir`` defaults to the run's ``config.json`` entry), runs :func:`run_nuts` on the
+    (``data_dir`` defaults to the directory the run was trained on), runs :func:`run_nuts` on the
     chosen ``sequences`` (positional indices into the split) and writes to ``out_dir``
     (default ``run_dir/nuts-<split>``). The guide compared with NUTS is the run's amortized
     encoder (for a run trained with an AutoGuide, whose posterior is not amortized, the guide
@@ -950,19 +930,17 @@ def nuts_report(
     Raises:
         ValueError: bad sequence indices or settings; FileNotFoundError: no run or data.
     """
-    from pyro_physvae.data.io import load_split
     from pyro_physvae.evaluate import load_run
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run = load_run(run_dir, checkpoint)
-    data_dir = Path(data_dir) if data_dir is not None else _default_data_dir(run_dir)
-    ds = load_split(data_dir, split, system=run.system.name)
+    ds = run.load(split, data_dir)
     idx = check_sequence_indices(sequences, int(ds.sizes["sequence"]))
     ds = ds.isel(sequence=idx)
     x = run.system.observations(ds)
     ids = [int(v) for v in ds["sequence"].values] if "sequence" in ds.coords else idx
-    guide, guide_kind = _run_guide(run, x, seed)
+    guide = run.guide_for(x, seed=seed)
     mcmc = run_nuts(run.model, x, guide=guide, num_samples=num_samples,
                     warmup_steps=warmup_steps, num_chains=num_chains, seed=seed,
                     max_tree_depth=max_tree_depth, chain_method=chain_method,
@@ -990,7 +968,7 @@ def nuts_report(
                                            truth=truth.get(name), sequence_ids=ids, level=level)
     divergences = int(idata.sample_stats["diverging"].values.sum())
     return {"system": run.system.name, "setting": run.setting.value, "split": split,
-            "guide": guide_kind, "sequences": ids, "num_chains": num_chains, "num_samples": num_samples,
+            "guide": run.guide_kind, "sequences": ids, "num_chains": num_chains, "num_samples": num_samples,
             "warmup_steps": warmup_steps, "max_r_hat": float(summary["r_hat"].max()),
             "min_ess_bulk": float(summary["ess_bulk"].min()),
             "min_ess_tail": float(summary["ess_tail"].min()), "divergences": divergences,
