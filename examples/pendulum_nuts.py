@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from pyro_physvae.data.io import save_dataset
-from pyro_physvae.mcmc import gap_markdown, nuts_report
+from pyro_physvae.diagnostics import markdown_table
+from pyro_physvae.mcmc import nuts_report
 from pyro_physvae.systems import get_system
 from pyro_physvae.train import TrainConfig, train
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{report['time_s']:.0f} s")
     print("amortization gap (mean_gap_sd: guide mean minus NUTS mean in NUTS sds; "
           "sd_ratio: guide sd / NUTS sd)")
-    print(gap_markdown(report["gap"]))
+    print(markdown_table(report["gap"]))
     print(f"figure: {report['files'].get('amortization_gap.png')}")
     return report
 

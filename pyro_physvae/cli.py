@@ -103,12 +103,13 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_nuts(args: argparse.Namespace) -> None:
-    from pyro_physvae.mcmc import gap_markdown, nuts_report
+    from pyro_physvae.diagnostics import markdown_table
+    from pyro_physvae.mcmc import nuts_report
 
     report = nuts_report(args.run, args.data, split=args.split, sequences=args.sequences,
                          num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains,
                          seed=args.seed, out_dir=args.out, chain_method=args.chain_method)
-    print(gap_markdown(report["gap"]))
+    print(markdown_table(report["gap"]))
     print(f"max R-hat {report['max_r_hat']:.4f}, min bulk ESS {report['min_ess_bulk']:.0f}, "
           f"divergences {report['divergences']}; files in {Path(report['files']['nuts.nc']).parent}")
 

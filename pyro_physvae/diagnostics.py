@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import arviz as az
 import matplotlib
@@ -20,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pyro  # noqa: E402
 import pyro.poutine as poutine  # noqa: E402
 import torch  # noqa: E402
@@ -358,3 +360,16 @@ def plot_calibration(tables: dict[str, xr.Dataset], path, title: str = "") -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
+    """A table as Markdown (numbers with ``digits`` significant digits)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float | np.floating):
+            return "nan" if not np.isfinite(v) else f"{v:.{digits}g}"
+        return str(v)
+
+    head = "| " + " | ".join(table.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
@@ -30,6 +31,7 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     draws_to_inference_data,
     interval_widening,
     iwae_log_likelihood,
+    markdown_table,
     plot_calibration,
     sample_posterior,
 )
@@ -92,16 +94,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
     return Run(system, setting, model, guide, state, run_dir, kind)
 
 
-def interval(samples: Tensor, level: float = INTERVAL) -> tuple[Tensor, Tensor]:
-    """Central ``level`` interval over the first (sample) dimension."""
-    return central_interval(samples, level)
-
-
 def parameter_metrics(samples: Tensor, truth: np.ndarray, level: float = INTERVAL) -> dict[str, float]:
     """MAE, RMSE and Pearson correlation of the posterior mean; coverage and mean width of
     the central interval. ``samples (S, N)``, ``truth (N,)``."""
     mean = samples.mean(0).cpu().numpy()
-    lo, hi = (v.cpu().numpy() for v in interval(samples, level))
+    lo, hi = (v.cpu().numpy() for v in central_interval(samples, level))
     err = mean - truth
     corr = float(np.corrcoef(mean, truth)[0, 1]) if len(truth) > 1 and mean.std() > 0 else math.nan
     return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())),
@@ -118,7 +115,7 @@ def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
                            "recon_mse": float((recon - x).pow(2).mean())}
     if "x_P" in draws:
         out["physics_only_mse"] = float((draws["x_P"].mean(0) - x).pow(2).mean())
-    lo, hi = interval(draws["x"])
+    lo, hi = central_interval(draws["x"], INTERVAL)
     out["predictive_coverage90"] = float(((x >= lo) & (x <= hi)).float().mean())
     for name in physics_names:
         if name in ds and name in draws:
@@ -135,7 +132,7 @@ def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], pa
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
-    lo, hi = interval(draws["x"])
+    lo, hi = central_interval(draws["x"], INTERVAL)
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.axis("off")
@@ -155,7 +152,7 @@ def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], pa
 def plot_parameter(truth: np.ndarray, samples: Tensor, name: str, path: Path) -> Path:
     """Posterior mean with 90% intervals against the true value."""
     mean = samples.mean(0).cpu().numpy()
-    lo, hi = (v.cpu().numpy() for v in interval(samples))
+    lo, hi = (v.cpu().numpy() for v in central_interval(samples, INTERVAL))
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.errorbar(truth, mean, yerr=[mean - lo, hi - mean], fmt=".", ms=3, alpha=0.5, elinewidth=0.5)
     edge = [min(truth.min(), lo.min()), max(truth.max(), hi.max())]
@@ -301,24 +298,15 @@ def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tupl
                      for r in table.to_dataframe().reset_index().itertuples()]
         plot_calibration(tables, out / f"calibration_{name}.png", title=f"{name}: {run.setting.value}")
         result[name] = entry
-    _write_table(rows, out / "calibration")
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "calibration.csv", index=False)
+    (out / "calibration.md").write_text(markdown_table(table))
     return result
 
 
 def _coverage_by_level(table: xr.Dataset) -> dict[str, float]:
     return {f"{level:g}": float(c) for level, c in zip(table["level"].values, table["coverage"].values,
                                                        strict=True)}
-
-
-def _write_table(rows: list[dict[str, Any]], stem: Path) -> None:
-    """``rows`` as ``stem.csv`` and a markdown ``stem.md``."""
-    keys = list(rows[0])
-    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
-    stem.with_suffix(".csv").write_text("\n".join(lines) + "\n")
-    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    md += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-           for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 
 def _plot_forest(idata: az.InferenceData, physics: tuple[str, ...], ds: xr.Dataset, path: Path,

@@ -65,6 +65,7 @@ from pyro.nn import PyroModule  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.distributions.transforms import AffineTransform  # noqa: E402
 
+from pyro_physvae.diagnostics import markdown_table  # noqa: E402
 from pyro_physvae.files import atomic_write  # noqa: E402
 from pyro_physvae.nets import frozen_parameters  # noqa: E402
 from pyro_physvae.ode import IntegrationError  # noqa: E402
@@ -777,19 +778,6 @@ def _diagnostics(p: np.ndarray) -> dict[str, float]:
             "ess_tail": float(d["ess_tail"])}
 
 
-def gap_markdown(table: pd.DataFrame, digits: int = 4) -> str:
-    """The gap table as a Markdown table (numbers with ``digits`` significant digits)."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, float | np.floating):
-            return "nan" if not np.isfinite(v) else f"{v:.{digits}g}"
-        return str(v)
-
-    head = "| " + " | ".join(table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([head, rule, *body]) + "\n"
-
-
 def plot_amortization_gap(
     mcmc: MCMC | az.InferenceData,
     amortized: Mapping[str, np.ndarray],
@@ -961,7 +949,7 @@ def nuts_report(
     summary = az.summary(idata, var_names=list(run.model.latent_sites), round_to=4)
     summary.to_csv(files["summary.csv"])
     gap.to_csv(files["amortization_gap.csv"], index=False)
-    files["amortization_gap.md"].write_text(gap_markdown(gap))
+    files["amortization_gap.md"].write_text(markdown_table(gap))
     for name in physics:
         fig = "amortization_gap.png" if len(physics) == 1 else f"amortization_gap_{name}.png"
         files[fig] = plot_amortization_gap(idata, amortized, out / fig, parameter=name,

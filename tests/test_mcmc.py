@@ -23,6 +23,7 @@ import torch
 from conftest import SMALL_GUIDE, SMALL_MODEL, make_pair
 from pyro.ops.integrator import potential_grad
 
+from pyro_physvae.diagnostics import markdown_table
 from pyro_physvae.mcmc import (
     GAP_COLUMNS,
     LatentLayout,
@@ -32,7 +33,6 @@ from pyro_physvae.mcmc import (
     check_sequence_indices,
     dense_inverse_mass,
     frozen_parameters,
-    gap_markdown,
     log_joint,
     nuts_report,
     nuts_to_inference_data,
@@ -159,7 +159,7 @@ def test_gap_table_by_hand() -> None:
     assert row["sd_ratio"] == pytest.approx(math.sqrt(2.0) / math.sqrt(10 / 7))
     assert (row["amortized_lo"], row["amortized_hi"]) == pytest.approx((4.5, 5.5))
     assert math.isnan(row["truth"])
-    md = gap_markdown(table)
+    md = markdown_table(table)
     assert md.splitlines()[0].startswith("| sequence | parameter | truth |")
     assert len(md.splitlines()) == 2 + 2
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from pyro_physvae.diagnostics import markdown_table
 from pyro_physvae.evaluate import diagnose
-from pyro_physvae.mcmc import gap_markdown, nuts_report
+from pyro_physvae.mcmc import nuts_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{nuts['min_ess_bulk']:.0f}, min tail ESS {nuts['min_ess_tail']:.0f}, "
         f"divergences {nuts['divergences']}.",
         "",
-        gap_markdown(nuts["gap"]),
+        markdown_table(nuts["gap"]),
     ]
     (out / "posterior.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
