@@ -294,25 +294,22 @@ def test_reference_text_bad_data_file(tmp_path, content, match):
         load_reference_text(tmp_path, "train")
 
 
-def test_reference_text_wrong_header(tmp_path):
-    write_reference(tmp_path, params=False)
-    np.savetxt(tmp_path / "true_params_train.txt", np.zeros((3, 5)), header="init omega xi A f",
-               comments="")
-    with pytest.raises(ValueError, match="header must be 'init omega gamma A f', got 'init omega xi A f'"):
-        load_reference_text(tmp_path, "train")
-
-
-def test_reference_text_row_count_mismatch(tmp_path):
-    write_reference(tmp_path, n=3, params=False)
-    np.savetxt(tmp_path / "true_params_train.txt", np.zeros((2, 5)), header=HEADER, comments="")
-    with pytest.raises(ValueError, match="expected 3 rows of 5 values"):
-        load_reference_text(tmp_path, "train")
-
-
-def test_reference_text_wrong_column_count(tmp_path):
-    write_reference(tmp_path, n=3, params=False)
-    np.savetxt(tmp_path / "true_params_train.txt", np.zeros((3, 4)), header=HEADER, comments="")
-    with pytest.raises(ValueError, match="true_params_train.txt"):
+@pytest.mark.parametrize(
+    ("n", "params_shape", "header", "match"),
+    [
+        (3, (3, 5), "init omega xi A f",
+         "header must be 'init omega gamma A f', got 'init omega xi A f'"),
+        (3, (2, 5), HEADER, "expected 3 rows of 5 values"),
+        (3, (3, 4), HEADER, "true_params_train.txt"),
+        # 5 rows of 4 values reshape to 4 rows of 5: the row-count check must still catch it.
+        (5, (5, 4), HEADER, "true_params_train.txt: expected 5 rows"),
+    ],
+    ids=["wrong-header", "row-count-mismatch", "wrong-column-count", "reshapeable-size"],
+)
+def test_reference_text_bad_params_file(tmp_path, n, params_shape, header, match):
+    write_reference(tmp_path, n=n, params=False)
+    np.savetxt(tmp_path / "true_params_train.txt", np.zeros(params_shape), header=header, comments="")
+    with pytest.raises(ValueError, match=match):
         load_reference_text(tmp_path, "train")
 
 
@@ -320,12 +317,4 @@ def test_reference_text_wrong_column_count(tmp_path):
 def test_reference_text_empty_file(tmp_path):
     (tmp_path / "data_train.txt").write_text("")
     with pytest.raises(ValueError, match="data_train.txt"):
-        load_reference_text(tmp_path, "train")
-
-
-def test_reference_text_wrong_column_count_with_reshapeable_size(tmp_path):
-    # 5 rows of 4 values reshape to 4 rows of 5: the row-count check must still catch it.
-    write_reference(tmp_path, n=5, params=False)
-    np.savetxt(tmp_path / "true_params_train.txt", np.zeros((5, 4)), header=HEADER, comments="")
-    with pytest.raises(ValueError, match="true_params_train.txt: expected 5 rows"):
         load_reference_text(tmp_path, "train")
