@@ -38,7 +38,7 @@ from pyro_physvae.diagnostics import (  # noqa: E402
 from pyro_physvae.files import atomic_write  # noqa: E402
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.systems import System, get_system  # noqa: E402
-from pyro_physvae.train import resolve_device  # noqa: E402
+from pyro_physvae.train import build_pair, resolve_device  # noqa: E402
 from pyro_physvae.validation import check_positive_int  # noqa: E402
 
 #: Central posterior interval used for coverage and bands.
@@ -83,12 +83,12 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
     setting = Setting.parse(state["setting"])
     kind = state.get("train_config", {}).get("guide", "amortized")
     pyro.clear_param_store()
+    model, guide = build_pair(system, setting, kind, state["model_kwargs"], state["guide_kwargs"])
     if kind == "amortized":
-        model, guide = system.build(setting, state["model_kwargs"], state["guide_kwargs"])
         guide.load_state_dict(state["guide_state"])
         guide.to(device).eval()
     else:
-        model, guide = system.model_cls(setting, **state["model_kwargs"]), None
+        guide = None  # its latents are the training sequences'; see Run.guide_for
     model.load_state_dict(state["model_state"])
     model.to(device).eval()
     return Run(system, setting, model, guide, state, run_dir, kind)
