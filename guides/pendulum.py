@@ -9,40 +9,18 @@ passes through a Softplus so that it is positive. In ``phys-only`` the physics e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import pyro
-import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_physvae.base import PhysVAEGuide
 from pyro_physvae.models.pendulum import PendulumModel
-from pyro_physvae.nets import MLP
-from pyro_physvae.regularizers import guide_deterministic
-
-LNVAR_MIN, LNVAR_MAX = -16.0, 6.0
+from pyro_physvae.nets import MLP, GaussianHead
 
 
-class GaussianHead(PyroModule):
-    """Features ``(..., F)`` -> ``(loc, scale)`` of a diagonal Normal ``(..., dim)``."""
-
-    def __init__(self, in_features: int, hidden: Sequence[int], dim: int, activation: str,
-                 positive: bool = False) -> None:
-        super().__init__()
-        self.loc = MLP(in_features, hidden, dim, activation)
-        self.lnvar = MLP(in_features, hidden, dim, activation)
-        self.positive = positive
-
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        loc = self.loc(h)
-        if self.positive:
-            loc = nn.functional.softplus(loc)
-        scale = torch.exp(0.5 * self.lnvar(h).clamp(LNVAR_MIN, LNVAR_MAX))
-        return loc, scale
-
-
-class PendulumGuide(PyroModule):
+class PendulumGuide(PhysVAEGuide):
     """Amortized encoder guide for a given :class:`PendulumModel`.
 
     The default sizes are the reference ones: one feature extractor per latent group
@@ -76,6 +54,7 @@ class PendulumGuide(PyroModule):
         def features() -> MLP:
             return MLP(T, hidden_feat, feat_dim, activation, final_activation=True)
 
+        self.aux_encoders = {"z_A1": "aux1", "z_A2": "aux2"} if self.setting.has_nn else {}
         if self.setting.has_nn:
             self.aux1 = PyroModule[nn.Sequential](
                 features(), GaussianHead(feat_dim, hidden_aux, self.dim_z_aux1, activation))
@@ -93,43 +72,11 @@ class PendulumGuide(PyroModule):
         loc, scale = self.omega_head(self.phys_features(signal))
         return loc.squeeze(-1), scale.squeeze(-1)
 
-    def physics_mean(self, x: Tensor) -> dict[str, Tensor]:
-        """Posterior mean of the physics parameters from a physics-only signal ``(..., T)``."""
-        return {"omega": self.omega_posterior(x)[0]}
+    def physics_posterior(self, signal: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        return {"omega": self.omega_posterior(signal)}
 
-    def unmix(self, x: Tensor, z_aux1: Tensor, z_aux2: Tensor) -> Tensor:
-        """Remove the learnt non-physics part: ``(..., B, T)`` from ``x (B, T)`` and the
-        latents (the guide passes their posterior means, as the reference does, so that the
-        omega encoder does not see their sampling noise)."""
+    def unmix(self, x: Tensor, aux_locs: Mapping[str, Tensor]) -> Tensor:
+        """Remove the learnt non-physics part: ``x - unmixer(x, z_A1, z_A2)``, ``(B, T)``."""
+        z_aux1, z_aux2 = aux_locs["z_A1"], aux_locs["z_A2"]
         x = x.expand(z_aux1.shape[:-1] + x.shape[-1:])
         return x - self.unmixer(torch.cat((x, z_aux1, z_aux2), -1))
-
-    def forward(
-        self,
-        x: Tensor | None = None,
-        *,
-        init: Tensor | None = None,
-        subsample: Tensor | None = None,
-        omega_prior: dist.Distribution | None = None,
-    ) -> dict[str, Tensor]:
-        """Sample the latents of the sequences ``x (N, T)`` (rows ``subsample``).
-
-        Takes the model's arguments (``init`` and ``omega_prior`` are not used). Returns the
-        sampled latents by site name.
-        """
-        if x is None:
-            raise ValueError("the amortized guide needs the observations x")
-        s = self.setting
-        out: dict[str, Tensor] = {}
-        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
-            x_b = x[idx]
-            signal = x_b
-            if s.has_nn:
-                q1, q2 = self.aux1(x_b), self.aux2(x_b)
-                out["z_A1"] = pyro.sample("z_A1", dist.Normal(*q1).to_event(1))
-                out["z_A2"] = pyro.sample("z_A2", dist.Normal(*q2).to_event(1))
-            if s.has_physics:
-                if s.has_nn:
-                    signal = guide_deterministic("unmixed", self.unmix(x_b, q1[0], q2[0]), event_dim=1)
-                out["omega"] = pyro.sample("omega", dist.Normal(*self.omega_posterior(signal)))
-        return out

@@ -25,20 +25,19 @@ Deterministic sites: ``init`` (initial angle), ``x_P``, ``x_PA``, ``x_PB``, ``x_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import Tensor
 
+from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
 from pyro_physvae.ode import check_method, integrate, time_grid
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.settings import Setting
-from pyro_physvae.validation import check_sequences
 
 X_LNVAR = -9.0 - math.log(2.0)
 OMEGA = PhysicalParameter(
@@ -64,7 +63,7 @@ def pendulum_rhs(state: Tensor, omega: Tensor) -> Tensor:
     return torch.stack((dtheta, -omega.pow(2) * torch.sin(theta)), dim=-1)
 
 
-class PendulumModel(PyroModule):
+class PendulumModel(PhysVAEModel):
     """The Phys-VAE generative model of pendulum angle sequences.
 
     Args:
@@ -116,6 +115,7 @@ class PendulumModel(PyroModule):
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
         self.dim_z_aux2 = dim_z_aux2
         self.time_input = bool(time_input)
+        self.aux_dims = {"z_A1": self.dim_z_aux1, "z_A2": self.dim_z_aux2} if self.setting.has_nn else {}
         if self.setting.has_nn:
             self.aux1 = MLP(2 + int(time_input) + self.dim_z_aux1, hidden_aux1, 1, activation,
                             zero_last=True)
@@ -134,13 +134,6 @@ class PendulumModel(PyroModule):
     @property
     def physics_parameters(self) -> tuple[PhysicalParameter, ...]:
         return (self.omega,) if self.setting.has_physics else ()
-
-    @property
-    def latent_sites(self) -> tuple[str, ...]:
-        names = [p.name for p in self.physics_parameters]
-        if self.setting.has_nn:
-            names += ["z_A1", "z_A2"]
-        return tuple(names)
 
     # -- the decoder ---------------------------------------------------------------------
     def decode(
@@ -222,6 +215,9 @@ class PendulumModel(PyroModule):
     def noise_scale(self) -> Tensor:
         return torch.exp(0.5 * self.x_lnvar)
 
+    def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.decode(init, latents.get("omega"), latents.get("z_A1"), latents.get("z_A2"))
+
     def forward(
         self,
         x: Tensor | None = None,
@@ -229,56 +225,26 @@ class PendulumModel(PyroModule):
         init: Tensor | None = None,
         subsample: Tensor | None = None,
         omega_prior: dist.Distribution | None = None,
+        priors: Mapping[str, dist.Distribution] | None = None,
     ) -> Tensor:
-        """Run the generative program.
+        """Run the generative program (see :meth:`PhysVAEModel.forward`).
 
         Args:
             x: observed angle sequences ``(N, T)`` [rad], or ``None`` to generate.
             init: initial angles ``(N,)``; defaults to ``x[:, 0]``.
-            subsample: indices of the minibatch within the N sequences (the ``data`` plate
-                scales the likelihood by ``N / B``).
-            omega_prior: replaces the default prior of ``omega``, e.g. with a population
-                distribution sampled by an outer hierarchical program; it must broadcast to
-                the plate shape.
+            subsample: indices of the minibatch within the N sequences.
+            omega_prior: replaces the default prior of ``omega`` (same as
+                ``priors={"omega": omega_prior}``).
 
         Returns:
             The decoder mean ``x_mean``, shape ``(..., B, T)``.
         """
-        if x is not None:
-            check_sequences(x, "x", n_steps=self.n_steps)
-        if init is None:
-            if x is None:
-                raise ValueError("give the observations x or the initial angles init")
-            init = x[..., 0]
-        if init.dim() != 1:
-            raise ValueError(f"init must have shape (N,), got {tuple(init.shape)}")
-        if x is not None and init.shape[0] != x.shape[0]:
-            raise ValueError(f"init has {init.shape[0]} entries but x has {x.shape[0]} rows")
-        s = self.setting
-        omega = z_aux1 = z_aux2 = None
-        with pyro.plate("data", init.shape[0], subsample=subsample) as idx:
-            init_b = pyro.deterministic("init", init[idx], event_dim=0)
-            if s.has_nn:
-                z_aux1 = pyro.sample("z_A1", _std_normal(self.dim_z_aux1, init))
-                z_aux2 = pyro.sample("z_A2", _std_normal(self.dim_z_aux2, init))
-            if s.has_physics:
-                prior = omega_prior if omega_prior is not None else self.omega.prior(init.device)
-                omega = pyro.sample("omega", prior)
-            curves = self.decode(init_b, omega, z_aux1, z_aux2)
-            for name, value in curves.items():
-                pyro.deterministic(name, value, event_dim=1)
-            x_b = None if x is None else x[idx]
-            obs_dist = dist.Normal(curves["x_mean"], self.noise_scale()).to_event(1)
-            pyro.sample("x", obs_dist, obs=x_b)
-        return curves["x_mean"]
+        if omega_prior is not None:
+            priors = {**(priors or {}), "omega": omega_prior}
+        return super().forward(x, init=init, subsample=subsample, priors=priors)
 
 
 def _initial_state(init: Tensor, batch: torch.Size) -> Tensor:
     """State ``(..., B, 2)`` = (angle ``init`` broadcast to ``batch``, zero velocity)."""
     angle = init.expand(batch)
     return torch.stack((angle, torch.zeros_like(angle)), -1)
-
-
-def _std_normal(dim: int, like: Tensor) -> dist.Distribution:
-    zero = torch.zeros(dim, dtype=like.dtype, device=like.device)
-    return dist.Normal(zero, torch.ones_like(zero)).to_event(1)

@@ -137,6 +137,29 @@ class MLP(PyroModule):
         return self.bind()(x)
 
 
+LNVAR_MIN, LNVAR_MAX = -16.0, 6.0
+
+
+class GaussianHead(PyroModule):
+    """Features ``(..., F)`` -> ``(loc, scale)`` of a diagonal Normal ``(..., dim)``, each
+    from its own MLP; ``positive`` passes the loc through a Softplus (positive physics
+    parameters), and the log variance is clamped to ``[LNVAR_MIN, LNVAR_MAX]``."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], dim: int, activation: str,
+                 positive: bool = False) -> None:
+        super().__init__()
+        self.loc = MLP(in_features, hidden, dim, activation)
+        self.lnvar = MLP(in_features, hidden, dim, activation)
+        self.positive = positive
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        loc = self.loc(h)
+        if self.positive:
+            loc = nn.functional.softplus(loc)
+        scale = torch.exp(0.5 * self.lnvar(h).clamp(LNVAR_MIN, LNVAR_MAX))
+        return loc, scale
+
+
 @contextmanager
 def frozen_parameters(*modules: torch.nn.Module | None) -> Iterator[None]:
     """Set ``requires_grad=False`` on every parameter of ``modules`` (``None`` entries are

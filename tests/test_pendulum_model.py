@@ -290,9 +290,9 @@ def test_input_errors(pair_factory, small_data):
     model, guide = pair_factory("phys+nn", n_steps=T, dt=DT)
     with pytest.raises(ValueError, match="time steps"):
         model(small_data[:, :-1])
-    with pytest.raises(ValueError, match="give the observations x or the initial angles"):
+    with pytest.raises(ValueError, match="give the observations x or the initial states"):
         model()
-    with pytest.raises(ValueError, match="init must have shape"):
+    with pytest.raises(ValueError, match=r"init must have 1 dimension\(s\)"):
         model(None, init=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="init has 3 entries"):
         model(small_data, init=torch.zeros(3))

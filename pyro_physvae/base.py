@@ -1,0 +1,188 @@
+"""The Pyro skeleton that every Phys-VAE model and amortized guide of the zoo shares.
+
+A system supplies the physics and the networks (``decode`` for a model, the encoders for a
+guide); these base classes supply the probabilistic program around them, so that all systems
+have the same sites, plates and hooks:
+
+* model: ``data`` plate (dim -1, minibatch through ``subsample``); deterministic ``init``
+  (the initial state read off the data); auxiliary latents ``z_A1``/``z_A2`` with standard
+  Normal priors; the physics latents with their :class:`~pyro_physvae.physics.PhysicalParameter`
+  priors (replaceable per call, for hierarchical programs); the curves returned by ``decode``
+  as deterministic sites; the observation ``x`` with the system's event rank.
+* guide: the same plate; ``q(z_A | x)`` from the auxiliary encoders; in settings with both
+  physics and networks, an ``unmixed`` signal (recorded for R_DA,1) from which the physics
+  encoder gives ``q(z_P | x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from pyro_physvae.physics import PhysicalParameter
+from pyro_physvae.regularizers import guide_deterministic
+from pyro_physvae.settings import Setting
+from pyro_physvae.validation import check_sequences
+
+
+def standard_normal(dim: int, like: Tensor) -> dist.Distribution:
+    """``Normal(0, I)`` over a vector of size ``dim`` (the prior of an auxiliary latent)."""
+    zero = torch.zeros(dim, dtype=like.dtype, device=like.device)
+    return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+
+
+class PhysVAEModel(PyroModule):
+    """Base of the generative models. Subclasses set in ``__init__``:
+
+    * ``setting`` (:class:`Setting`), ``n_steps`` (length of the time axis, last in ``x``);
+    * ``aux_dims``: ``{"z_A1": dim, ...}`` for the settings with networks (empty otherwise);
+    * ``physics_parameters``: the physics latents, as a property (empty for ``nn-only``);
+
+    and implement :meth:`decode_sites` and :meth:`noise_scale`. Class attributes:
+    ``x_event_dim`` (rank of one observation: 1 for a series ``(T,)``, 2 for a field ``(X,
+    T)``) and ``init_event_dim`` (rank of the initial state read from it).
+    """
+
+    x_event_dim: int = 1
+    init_event_dim: int = 0
+    aux_dims: dict[str, int]
+
+    @property
+    def physics_parameters(self) -> tuple[PhysicalParameter, ...]:
+        raise NotImplementedError
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        """Names of the latent sample sites, physics parameters first."""
+        return tuple(p.name for p in self.physics_parameters) + tuple(self.aux_dims)
+
+    def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Curves (at least ``x_mean``) from the initial state and latents named by site."""
+        raise NotImplementedError
+
+    def noise_scale(self) -> Tensor:
+        raise NotImplementedError
+
+    def observation_shape(self) -> tuple[int, ...] | None:
+        """Expected shape of one observation (``None``: only the time axis is checked)."""
+        return None
+
+    def initial_condition(self, x: Tensor) -> Tensor:
+        """The initial state read off the observations: their first time step."""
+        return x[..., 0]
+
+    def check_observations(self, x: Tensor) -> None:
+        check_sequences(x, "x", n_steps=self.n_steps, rank=1 + self.x_event_dim)
+        shape = self.observation_shape()
+        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}), "
+                             f"got {tuple(x.shape)}")
+
+    def forward(
+        self,
+        x: Tensor | None = None,
+        *,
+        init: Tensor | None = None,
+        subsample: Tensor | None = None,
+        priors: Mapping[str, dist.Distribution] | None = None,
+    ) -> Tensor:
+        """Run the generative program.
+
+        Args:
+            x: observations ``(N, *event)``, time last, or ``None`` to generate.
+            init: initial states ``(N, *init_event)``; default: read off ``x``.
+            subsample: indices of the minibatch within the N rows (the ``data`` plate
+                scales the likelihood by ``N / B``).
+            priors: replacements for the priors of physics parameters by name, e.g. a
+                population distribution sampled by an outer hierarchical program; each must
+                broadcast to the plate shape.
+
+        Returns:
+            The decoder mean ``x_mean``, shape ``(..., B, *event)``.
+        """
+        if x is not None:
+            self.check_observations(x)
+        if init is None:
+            if x is None:
+                raise ValueError("give the observations x or the initial states init")
+            init = self.initial_condition(x)
+        if init.dim() != 1 + self.init_event_dim:
+            raise ValueError(f"init must have {1 + self.init_event_dim} dimension(s) (N, ...), "
+                             f"got shape {tuple(init.shape)}")
+        if x is not None and init.shape[0] != x.shape[0]:
+            raise ValueError(f"init has {init.shape[0]} entries but x has {x.shape[0]} rows")
+        priors = dict(priors or {})
+        unknown = set(priors) - {p.name for p in self.physics_parameters}
+        if unknown:
+            raise ValueError(f"priors given for {sorted(unknown)}, which are not physics "
+                             f"parameters of this model ({list(self.latent_sites)})")
+        latents: dict[str, Tensor] = {}
+        with pyro.plate("data", init.shape[0], subsample=subsample) as idx:
+            init_b = pyro.deterministic("init", init[idx], event_dim=self.init_event_dim)
+            for name, dim in self.aux_dims.items():
+                latents[name] = pyro.sample(name, standard_normal(dim, init))
+            for p in self.physics_parameters:
+                latents[p.name] = pyro.sample(p.name, priors.get(p.name) or p.prior(init.device))
+            curves = self.decode_sites(init_b, latents)
+            for name, value in curves.items():
+                pyro.deterministic(name, value, event_dim=self.x_event_dim)
+            x_b = None if x is None else x[idx]
+            obs = dist.Normal(curves["x_mean"], self.noise_scale()).to_event(self.x_event_dim)
+            pyro.sample("x", obs, obs=x_b)
+        return curves["x_mean"]
+
+
+class PhysVAEGuide(PyroModule):
+    """Base of the amortized encoder guides. Subclasses set ``setting``, ``x_event_dim`` and
+    ``aux_encoders`` (``{"z_A1": attribute name}``; each attribute maps ``x_b (B, *event)``
+    to ``(loc, scale)`` of shape ``(B, dim)``), and implement :meth:`unmix` and
+    :meth:`physics_posterior`.
+    """
+
+    x_event_dim: int = 1
+    aux_encoders: dict[str, str]
+
+    def unmix(self, x: Tensor, aux_locs: Mapping[str, Tensor]) -> Tensor:
+        """The physics-like signal ``(B, *event)`` from ``x`` and the auxiliary latents'
+        posterior means (means, as in the reference, so that the physics encoder does not
+        see their sampling noise)."""
+        raise NotImplementedError
+
+    def physics_posterior(self, signal: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """``q(z_P | signal)``: ``{name: (loc, scale)}``, each ``(...)`` for ``(..., *event)``."""
+        raise NotImplementedError
+
+    def physics_mean(self, x: Tensor) -> dict[str, Tensor]:
+        """Posterior means of the physics parameters from a physics-only signal (R_DA,2)."""
+        return {name: loc for name, (loc, _) in self.physics_posterior(x).items()}
+
+    def forward(self, x: Tensor | None = None, *, subsample: Tensor | None = None,
+                **model_kwargs) -> dict[str, Tensor]:
+        """Sample the latents of the rows ``subsample`` of ``x (N, *event)``.
+
+        Takes the model's arguments (those other than ``x`` and ``subsample`` are not used).
+        Returns the sampled latents by site name.
+        """
+        if x is None:
+            raise ValueError("the amortized guide needs the observations x")
+        s = self.setting
+        out: dict[str, Tensor] = {}
+        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+            x_b = x[idx]
+            signal, locs = x_b, {}
+            for site, attr in self.aux_encoders.items():
+                loc, scale = getattr(self, attr)(x_b)
+                locs[site] = loc
+                out[site] = pyro.sample(site, dist.Normal(loc, scale).to_event(1))
+            if s.has_physics:
+                if s.has_nn:
+                    signal = guide_deterministic("unmixed", self.unmix(x_b, locs),
+                                                 event_dim=self.x_event_dim)
+                for name, (loc, scale) in self.physics_posterior(signal).items():
+                    out[name] = pyro.sample(name, dist.Normal(loc, scale))
+        return out

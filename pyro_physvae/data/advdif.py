@@ -1,0 +1,207 @@
+"""Advection-diffusion data: the paper's generator and the reference ``.npy`` format.
+
+Truth: ``u_t = D u_xx - c u_x`` on ``n_grid`` points ``x_i = i dx`` (zero just outside the
+grid), discretised by second-order central differences and solved accurately (dopri5,
+float64). Initial profile ``a sin(pi x / x_max)`` with ``x_max = (n_grid - 1) dx``. Each
+sequence has its own amplitude ``a``, diffusion coefficient ``D`` and advection velocity
+``c``; observations every ``dt`` with Gaussian noise. Ranges follow the reference work.
+
+Data sets hold ``x`` with dims ``(sequence, space, time)`` and the true ``amplitude``,
+``diffusion`` and ``advection`` over ``sequence``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from torchdiffeq import odeint
+
+from pyro_physvae.data.io import SPLITS
+from pyro_physvae.pde import central_difference_matrix, second_difference_matrix
+from pyro_physvae.validation import check_positive_int, check_sequences
+
+SYSTEM = "advdif"
+#: True parameters, in the order of the reference ``true_params_<split>.txt`` columns.
+PARAMS = ("amplitude", "diffusion", "advection")
+TEXT_HEADER = ("init_mag", "dcoeff", "ccoeff")
+UNITS = {"amplitude": "1", "diffusion": "length^2/s", "advection": "length/s", "x": "1",
+         "space": "length", "time": "s"}
+
+
+@dataclass(frozen=True)
+class AdvDifDataConfig:
+    """Sizes, grid and parameter ranges of the generated data (defaults: the paper's)."""
+
+    n_train: int = 1000
+    n_valid: int = 500
+    n_test: int = 1000
+    n_grid: int = 20
+    n_steps: int = 50
+    dx: float = 0.1
+    dt: float = 0.02
+    noise_std: float = 1e-3
+    amplitude: tuple[float, float] = (0.5, 1.5)
+    diffusion: tuple[float, float] = (0.01, 0.1)
+    advection: tuple[float, float] = (0.01, 0.1)
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_valid", "n_test", "n_steps"):
+            check_positive_int(getattr(self, name), name)
+        if check_positive_int(self.n_grid, "n_grid") < 3:
+            raise ValueError(f"n_grid must be at least 3, got {self.n_grid}")
+        for name in ("dx", "dt"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        for name in PARAMS:
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"range of {name} must have low <= high, got ({lo}, {hi})")
+        if self.diffusion[0] < 0:
+            raise ValueError(f"diffusion coefficients must be >= 0, got range {self.diffusion}")
+
+
+def grid(n_grid: int, dx: float) -> np.ndarray:
+    """Grid points ``0, dx, ..., (n_grid - 1) dx``."""
+    return np.arange(n_grid) * dx
+
+
+def initial_profile(amplitude: torch.Tensor, n_grid: int, dx: float) -> torch.Tensor:
+    """``(N, n_grid)`` profiles ``a sin(pi x / x_max)`` for amplitudes ``a (N,)``."""
+    x = torch.as_tensor(grid(n_grid, dx), dtype=amplitude.dtype)
+    return amplitude[:, None] * torch.sin(torch.pi * x / x[-1])
+
+
+def advection_diffusion(u0: torch.Tensor, diffusion: torch.Tensor, advection: torch.Tensor,
+                        t: torch.Tensor, dx: float) -> torch.Tensor:
+    """Accurate solutions ``(N, n_grid, T)`` of ``u_t = D u_xx - c u_x`` (dopri5, float64).
+
+    Args:
+        u0: initial fields ``(N, n_grid)``.
+        diffusion, advection: ``(N,)`` coefficients D and c.
+        t: ``(T,)`` output times starting at 0 [s].
+        dx: grid spacing.
+    """
+    u0 = u0.to(torch.float64)
+    n = u0.shape[-1]
+    lap = second_difference_matrix(n, dx, dtype=torch.float64)
+    grad = central_difference_matrix(n, dx, dtype=torch.float64)
+    d = diffusion.to(torch.float64)[:, None]
+    c = advection.to(torch.float64)[:, None]
+
+    def rhs(_t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return d * (u @ lap.T) - c * (u @ grad.T)
+
+    us = odeint(rhs, u0, t.to(torch.float64), method="dopri5", rtol=1e-10, atol=1e-12)
+    return us.permute(1, 2, 0).contiguous()
+
+
+def generate_split(n: int, config: AdvDifDataConfig, generator: torch.Generator,
+                   split: str = "train") -> xr.Dataset:
+    """One split of ``n`` noisy space-time fields with their true parameters."""
+    def uniform(lo_hi: tuple[float, float]) -> torch.Tensor:
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    params = {name: uniform(getattr(config, name)) for name in PARAMS}
+    t = torch.arange(config.n_steps, dtype=torch.float64) * config.dt
+    u0 = initial_profile(params["amplitude"], config.n_grid, config.dx)
+    clean = advection_diffusion(u0, params["diffusion"], params["advection"], t, config.dx)
+    noise = config.noise_std * torch.randn(clean.shape, generator=generator, dtype=torch.float64)
+    return make_dataset((clean + noise).numpy(), config.dx, config.dt,
+                        {k: v.numpy() for k, v in params.items()}, split=split,
+                        attrs={"noise_std": config.noise_std})
+
+
+def generate(config: AdvDifDataConfig = AdvDifDataConfig(), seed: int = 0) -> dict[str, xr.Dataset]:
+    """All three splits, reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    sizes = {"train": config.n_train, "valid": config.n_valid, "test": config.n_test}
+    out = {split: generate_split(sizes[split], config, g, split) for split in SPLITS}
+    for ds in out.values():
+        ds.attrs.update({"seed": int(seed), **{f"config_{k}": str(v) for k, v in asdict(config).items()}})
+    return out
+
+
+def make_dataset(x: np.ndarray, dx: float, dt: float, params: dict[str, np.ndarray] | None = None,
+                 *, split: str = "", attrs: dict | None = None) -> xr.Dataset:
+    """Wrap fields ``x (N, n_grid, T)`` and optional true parameters ``(N,)`` in a Dataset."""
+    check_sequences(x, "x", rank=3)
+    for name, value in (("dx", dx), ("dt", dt)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    n, n_grid, n_steps = x.shape
+    data_vars = {"x": (("sequence", "space", "time"), np.asarray(x, dtype=np.float32),
+                       {"units": UNITS["x"], "long_name": "observed field u"})}
+    for name, values in (params or {}).items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (n,):
+            raise ValueError(f"true parameter {name!r} must have shape ({n},), got {values.shape}")
+        data_vars[name] = (("sequence",), values, {"units": UNITS.get(name, "")})
+    coords = {"sequence": np.arange(n),
+              "space": ("space", grid(n_grid, dx), {"units": UNITS["space"]}),
+              "time": ("time", np.arange(n_steps) * dt, {"units": "s"})}
+    return xr.Dataset(data_vars, coords, attrs={"system": SYSTEM, "split": split, "dx": float(dx),
+                                                "dt": float(dt), **(attrs or {})})
+
+
+def load_reference_npy(directory: str | os.PathLike, split: str, *, dx: float | None = None,
+                       dt: float | None = None) -> xr.Dataset:
+    """Read the reference generator's files for ``split``: ``data_<split>.npy`` (``(N,
+    n_grid, T)``), ``args_<split>.json`` (grid ``dx`` and ``dt``; ``dx``/``dt`` given here
+    take precedence) and, if present, ``true_params_<split>.txt`` (columns ``init_mag
+    dcoeff ccoeff``)."""
+    directory = Path(directory)
+    data_file = directory / f"data_{split}.npy"
+    if not data_file.is_file():
+        raise FileNotFoundError(f"data file not found: {data_file}")
+    try:
+        x = np.load(data_file, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{data_file}: not a numeric .npy array ({e})") from e
+    if x.ndim != 3:
+        raise ValueError(f"{data_file}: expected an array (N, n_grid, T), got shape {x.shape}")
+    grid_args = _read_grid_args(directory / f"args_{split}.json")
+    dx = dx if dx is not None else grid_args.get("dx")
+    dt = dt if dt is not None else grid_args.get("dt")
+    if dx is None or dt is None:
+        raise ValueError(f"{directory}: no args_{split}.json with 'dx' and 'dt'; pass dx= and dt=")
+    params = None
+    param_file = directory / f"true_params_{split}.txt"
+    if param_file.is_file():
+        params = _read_true_params(param_file, x.shape[0])
+    return make_dataset(x, float(dx), float(dt), params, split=split,
+                        attrs={"source": str(directory)})
+
+
+def _read_grid_args(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    try:
+        args = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return {k: float(args[k]) for k in ("dx", "dt") if k in args}
+
+
+def _read_true_params(path: Path, n: int) -> dict[str, np.ndarray]:
+    with open(path) as f:
+        header = f.readline().lstrip("#").split()
+    if tuple(header) != TEXT_HEADER:
+        raise ValueError(f"{path}: header must be {' '.join(TEXT_HEADER)!r}, got {' '.join(header)!r}")
+    try:
+        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a whitespace-separated table of numbers ({e})") from e
+    if table.shape != (n, len(TEXT_HEADER)):
+        raise ValueError(f"{path}: expected {n} rows of {len(TEXT_HEADER)} values (one per "
+                         f"sequence), got shape {table.shape}")
+    check_sequences(table, str(path))
+    return dict(zip(PARAMS, table.T, strict=True))
