@@ -80,6 +80,7 @@ class PendulumModel(PhysVAEModel):
             ``2 sigma^2``) of a Gaussian likelihood with ``sigma^2 = exp(-9) / 2``.
         learn_noise: learn ``x_lnvar`` instead of fixing it.
         method, substeps: ODE solver (see :mod:`pyro_physvae.ode`) and sub-steps per dt.
+        rtol, atol: tolerances of adaptive solvers.
         omega: range (and hence prior) of the physics parameter.
     """
 
@@ -99,6 +100,8 @@ class PendulumModel(PhysVAEModel):
         learn_noise: bool = False,
         method: str = "euler",
         substeps: int = 1,
+        rtol: float = 1e-5,
+        atol: float = 1e-6,
         omega: PhysicalParameter = OMEGA,
     ) -> None:
         super().__init__(name="pendulum_model")
@@ -111,6 +114,9 @@ class PendulumModel(PhysVAEModel):
             raise ValueError("latent sizes must be non-negative")
         self.n_steps, self.dt = int(n_steps), float(dt)
         self.method, self.substeps = check_method(method), int(substeps)
+        if not (rtol > 0 and atol > 0):
+            raise ValueError(f"rtol and atol must be positive, got {rtol} and {atol}")
+        self.rtol, self.atol = float(rtol), float(atol)
         self.omega = omega
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
         self.dim_z_aux2 = dim_z_aux2
@@ -198,7 +204,8 @@ class PendulumModel(PhysVAEModel):
         return net if self.time_input else (lambda t, y: net(y))
 
     def _solve(self, rhs, y0: Tensor) -> Tensor:
-        return integrate(rhs, y0, self.t, method=self.method, substeps=self.substeps)
+        return integrate(rhs, y0, self.t, method=self.method, substeps=self.substeps,
+                         rtol=self.rtol, atol=self.atol)
 
     def physics_only(self, init: Tensor, omega: Tensor, *, clamp: bool = True) -> Tensor:
         """Physics-only angle curves ``(..., B, T)`` for angles ``init`` and ``omega``."""

@@ -45,11 +45,16 @@ class PhysVAEModel(PyroModule):
 
     and implement :meth:`decode_sites` and :meth:`noise_scale`. Class attributes:
     ``x_event_dim`` (rank of one observation: 1 for a series ``(T,)``, 2 for a field ``(X,
-    T)``) and ``init_event_dim`` (rank of the initial state read from it).
+    T)``), ``init_event_dim`` (rank of the initial state read from it) and
+    ``supports_rollout``.
     """
 
     x_event_dim: int = 1
     init_event_dim: int = 0
+    #: ``decode_sites`` takes ``n_steps=`` and can run past the training window.
+    supports_rollout: bool = False
+    setting: Setting
+    n_steps: int
     aux_dims: dict[str, int]
 
     @property
@@ -145,6 +150,7 @@ class PhysVAEGuide(PyroModule):
     """
 
     x_event_dim: int = 1
+    setting: Setting
     aux_encoders: dict[str, str]
 
     def unmix(self, x: Tensor, aux_locs: Mapping[str, Tensor]) -> Tensor:

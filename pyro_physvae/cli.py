@@ -1,4 +1,5 @@
-"""The ``physvae`` command: generate data, train, evaluate, counterfactuals, quick start."""
+"""The ``physvae`` command: generate data, train, evaluate, diagnose, NUTS, counterfactuals,
+extrapolation, quick start."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _factors(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -46,13 +57,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"wrote {path} ({ds.sizes['sequence']} sequences)")
 
 
-def cmd_import_text(args: argparse.Namespace) -> None:
+def cmd_import_reference(args: argparse.Namespace) -> None:
     from pyro_physvae.data.io import save_dataset
-    from pyro_physvae.data.pendulum import load_reference_text
 
+    if args.system == "pendulum":
+        from pyro_physvae.data.pendulum import load_reference_text
+
+        def load(split: str):
+            return load_reference_text(args.source, split, dt=args.dt or 0.05)
+    elif args.system == "advdif":
+        from pyro_physvae.data.advdif import load_reference_npy
+
+        def load(split: str):
+            return load_reference_npy(args.source, split, dx=args.dx, dt=args.dt)
+    else:
+        raise ValueError(f"no reference file format is known for the {args.system} system")
     for split in args.splits:
-        ds = load_reference_text(args.source, split, dt=args.dt)
-        print(f"wrote {save_dataset(ds, Path(args.out) / f'{split}.nc')}")
+        print(f"wrote {save_dataset(load(split), Path(args.out) / f'{split}.nc')}")
 
 
 def _train_config(args: argparse.Namespace, defaults: dict):
@@ -62,7 +83,7 @@ def _train_config(args: argparse.Namespace, defaults: dict):
         epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
         lr=args.lr, seed=args.seed, elbo=args.elbo, num_particles=args.num_particles,
         renyi_alpha=args.renyi_alpha, guide=args.guide, alpha=args.alpha, beta=args.beta,
-        gamma=args.gamma, device=args.device,
+        gamma=args.gamma, grad_scale=args.grad_scale, device=args.device,
         threads=args.threads, checkpoint_every=args.checkpoint_every,
     )
 
@@ -72,7 +93,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pyro_physvae.train import train
 
     system = get_system(args.system)
-    model_kwargs = {"method": args.solver, "substeps": args.substeps}
+    # Solver options left out take the model's own defaults (e.g. 2 sub-steps for advdif).
+    model_kwargs = {k: v for k, v in (("method", args.solver), ("substeps", args.substeps),
+                                      ("rtol", args.rtol), ("atol", args.atol)) if v is not None}
     history = train(system, args.setting, args.data, args.out,
                     _train_config(args, system.train_defaults), model_kwargs=model_kwargs,
                     resume=args.resume, progress=not args.quiet)
@@ -121,6 +144,19 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
                             factors=args.factors, n_sequences=args.sequences, out_dir=args.out)
     for r in report["results"]:
         print(f"omega x {r['factor']:<4g}  MSE {r['mse']:.4g}  (physics part {r['physics_only_mse']:.4g})")
+
+
+def cmd_extrapolate(args: argparse.Namespace) -> None:
+    from pyro_physvae.extrapolation import extrapolate
+
+    report = extrapolate(args.run, args.data, split=args.split, n_steps=args.steps,
+                         n_sequences=args.sequences, num_samples=args.samples, out_dir=args.out)
+    print(f"{report['system']} {report['setting']}: rolled out {report['n_steps']} steps from a "
+          f"{report['train_steps']}-step window, {report['n_sequences']} sequences"
+          f"{' (BLOW-UP: the field norm grew)' if report['blowup'] else ''}")
+    for h, row in report["horizons"]["x_mean"].items():
+        print(f"step {h:>5}: MSE {row['mse']:.3g}  relative RMSE {row['relative_rmse']:.3g}  "
+              f"max norm ratio {row['max_norm_ratio']:.3f}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -206,12 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name}", type=_positive_int, default=None)
     g.set_defaults(func=cmd_generate)
 
-    it = sub.add_parser("import-text", help="convert the reference implementation's text files")
-    it.add_argument("source", help="directory with data_<split>.txt and true_params_<split>.txt")
+    it = sub.add_parser("import-reference", aliases=["import-text"],
+                        help="convert the reference implementation's data files to netCDF")
+    it.add_argument("source", help="pendulum: data_<split>.txt and true_params_<split>.txt; "
+                    "advdif: data_<split>.npy, args_<split>.json and true_params_<split>.txt")
+    it.add_argument("--system", choices=SYSTEMS, default="pendulum")
     it.add_argument("--out", required=True)
     it.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
-    it.add_argument("--dt", type=float, default=0.05)
-    it.set_defaults(func=cmd_import_text)
+    it.add_argument("--dt", type=_positive_float, default=None,
+                    help="time step (default: pendulum 0.05, advdif from args_<split>.json)")
+    it.add_argument("--dx", type=_positive_float, default=None,
+                    help="advdif grid spacing (default: from args_<split>.json)")
+    it.set_defaults(func=cmd_import_reference)
 
     t = sub.add_parser("train", help="train a model/guide pair with SVI")
     t.add_argument("--system", choices=SYSTEMS, default="pendulum")
@@ -231,8 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=None, help="R_ppc weight")
     t.add_argument("--beta", type=float, default=None, help="R_DA,2 weight")
     t.add_argument("--gamma", type=float, default=None, help="R_DA,1 weight")
-    t.add_argument("--solver", choices=METHODS, default="euler")
-    t.add_argument("--substeps", type=_positive_int, default=1)
+    t.add_argument("--grad-scale", type=_positive_float, default=None,
+                   help="gradient factor before clipping and Adam (default: the reference "
+                   "loss scale, 2 sigma^2 / N_train)")
+    t.add_argument("--solver", choices=METHODS, default=None,
+                   help="ODE solver (default: the model's, euler)")
+    t.add_argument("--substeps", type=_positive_int, default=None,
+                   help="fixed-step solver steps per observation interval (default: the model's)")
+    t.add_argument("--rtol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
+    t.add_argument("--atol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--checkpoint-every", type=_positive_int, default=10)
@@ -286,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sequences", type=_positive_int, default=100)
     c.add_argument("--out", default=None)
     c.set_defaults(func=cmd_counterfactual)
+
+    x = sub.add_parser("extrapolate", help="roll a run out far past its training window and "
+                       "compare with the truth (advdif)")
+    x.add_argument("run")
+    x.add_argument("--data", default=None)
+    x.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    x.add_argument("--steps", type=_positive_int, default=1000, help="roll-out length in time steps")
+    x.add_argument("--sequences", type=_positive_int, default=200)
+    x.add_argument("--samples", type=_positive_int, default=50,
+                   help="posterior draws averaged for each sequence's latents")
+    x.add_argument("--out", default=None, help="default: RUN/extrapolate-SPLIT")
+    x.set_defaults(func=cmd_extrapolate)
 
     q = sub.add_parser("quickstart", help="generate, train briefly, evaluate, write a report")
     q.add_argument("--out", default="physvae-quickstart")

@@ -126,7 +126,10 @@ def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
 def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], path: Path,
                          n: int = 9) -> Path:
     """Data, posterior-mean reconstruction, 90% posterior-predictive band and, where the
-    model has physics, the physics-only curve, for the first ``n`` sequences."""
+    model has physics, the physics-only curve, for the first ``n`` sequences. Space-time
+    fields ``(N, X, T)`` are drawn as images by :func:`plot_field_reconstructions`."""
+    if x.dim() == 3:
+        return plot_field_reconstructions(ds, x, draws, path, n=min(n, 3))
     t = ds["time"].values
     n = min(n, x.shape[0])
     cols = min(3, n)
@@ -146,6 +149,49 @@ def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], pa
     axes.flat[0].legend(fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel(f"time [{ds['time'].attrs.get('units', 's')}]")
+    return _save(fig, path)
+
+
+def plot_field_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], path: Path,
+                               n: int = 3) -> Path:
+    """For the first ``n`` fields ``(X, T)``: data, posterior-mean reconstruction, the
+    physics-only part (where the model has physics) and reconstruction minus data."""
+    rows = []
+    for i in range(min(n, x.shape[0])):
+        recon = draws["x_mean"][:, i].mean(0)
+        row = {"data": x[i], "reconstruction": recon}
+        if "x_P" in draws:
+            row["physics only"] = draws["x_P"][:, i].mean(0)
+        row["reconstruction - data"] = recon - x[i]
+        rows.append({k: v.cpu().numpy() for k, v in row.items()})
+    t = ds["time"].values
+    return plot_field_grid(rows, path, t_max=float(t[-1]), signed=("reconstruction - data",),
+                           labels=[f"sequence {int(s)}" for s in ds["sequence"].values[:len(rows)]])
+
+
+def plot_field_grid(rows: list[dict[str, np.ndarray]], path: Path, *, t_max: float,
+                    signed: tuple[str, ...] = (), labels: list[str] | None = None,
+                    title: str = "") -> Path:
+    """Images of fields ``(X, T)``, space vertical and time horizontal: one row per entry of
+    ``rows``, one panel per key. Panels named in ``signed`` (differences) get a diverging
+    colour map symmetric about zero; the others share their row's colour range."""
+    cols = len(rows[0])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.6 * cols, 2.2 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        vmax = max(float(np.abs(v).max()) for k, v in row.items() if k not in signed) or 1.0
+        for ax, (key, img) in zip(axes[r], row.items(), strict=True):
+            lim = max(float(np.abs(img).max()), 1e-12) if key in signed else vmax
+            im = ax.imshow(img, aspect="auto", cmap="RdBu_r" if key in signed else "viridis",
+                           vmin=-lim, vmax=lim, interpolation="nearest",
+                           extent=(0.0, t_max, img.shape[0] - 0.5, -0.5))
+            fig.colorbar(im, ax=ax, fraction=0.046)
+            ax.set_title(key if labels is None else f"{key}, {labels[r]}", fontsize=8)
+            ax.set_ylabel("grid point", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("time [s]")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

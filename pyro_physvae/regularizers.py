@@ -253,12 +253,14 @@ class PhysVAELoss(ELBO):
         return self.elbo._get_trace(m, g, args, kwargs)
 
 
-def phys_vae_regularizers(alpha: float, beta: float, gamma: float) -> list[Regularizer]:
+def phys_vae_regularizers(alpha: float, beta: float, gamma: float,
+                          event_dim: int = 1) -> list[Regularizer]:
     """The paper's three terms with weights alpha (R_ppc), beta (R_DA,2), gamma (R_DA,1);
-    zero weights are left out."""
+    zero weights are left out. ``event_dim`` is the rank of one observation (1 for a time
+    series, 2 for a space-time field): the curve distances sum over it."""
     terms: list[Regularizer] = [
-        PosteriorPredictiveCheck(alpha),
+        PosteriorPredictiveCheck(alpha, event_dim=event_dim),
         PhysicsAugmentation(beta),
-        Unmixing(gamma),
+        Unmixing(gamma, event_dim=event_dim),
     ]
     return [t for t in terms if t.weight > 0]

@@ -26,6 +26,10 @@ class System:
         train_defaults: reference epochs and batch size.
         generate: ``generate(seed=..., **sizes) -> {split: Dataset}``.
         model_kwargs_from_data: model size arguments read off a data set (length, dt, ...).
+        true_observations: ``true_observations(ds, n_steps) -> Tensor (N, *event)``, the
+            noise-free truth of a synthetic data set's sequences over ``n_steps`` time steps
+            (possibly past the observed window), for extrapolation checks; ``None`` if the
+            system has none.
     """
 
     name: str
@@ -35,6 +39,7 @@ class System:
     train_defaults: dict[str, int]
     generate: Callable[..., dict[str, xr.Dataset]]
     model_kwargs_from_data: Callable[[xr.Dataset], dict[str, Any]]
+    true_observations: Callable[[xr.Dataset, int], torch.Tensor] | None = None
 
     def build(self, setting: str | Setting, model_kwargs: dict | None = None,
               guide_kwargs: dict | None = None) -> tuple[PyroModule, PyroModule]:
@@ -71,7 +76,31 @@ def _pendulum() -> System:
     )
 
 
-_FACTORIES: dict[str, Callable[[], System]] = {"pendulum": _pendulum}
+def _advdif() -> System:
+    from pyro_physvae.data import advdif as data
+    from pyro_physvae.guides.advdif import AdvDifGuide
+    from pyro_physvae.models.advdif import AdvDifModel
+
+    def generate(seed: int = 0, **sizes: int) -> dict[str, xr.Dataset]:
+        return data.generate(data.AdvDifDataConfig(**sizes), seed=seed)
+
+    def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
+        return {"n_grid": int(ds.sizes["space"]), "dx": float(ds.attrs["dx"]),
+                "n_steps": int(ds.sizes["time"]), "dt": float(ds.attrs["dt"])}
+
+    return System(
+        name="advdif",
+        model_cls=AdvDifModel,
+        guide_cls=AdvDifGuide,
+        reg_weights=(1e-1, 1e6, 1e-2),  # the reference's alpha, beta, gamma
+        train_defaults={"epochs": 20000, "batch_size": 200},
+        generate=generate,
+        model_kwargs_from_data=model_kwargs,
+        true_observations=data.true_fields,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], System]] = {"pendulum": _pendulum, "advdif": _advdif}
 SYSTEMS: tuple[str, ...] = tuple(_FACTORIES)
 
 

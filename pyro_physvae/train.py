@@ -50,6 +50,10 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     """Optimisation settings; the defaults are the reference ones.
 
+    ``grad_scale`` multiplies the gradients before clipping and Adam; ``None`` takes
+    :func:`reference_grad_scale`, which puts them on the reference implementation's scale so
+    that ``clip_value`` and ``adam_eps`` mean what they mean there.
+
     ``alpha``, ``beta``, ``gamma`` (R_ppc, R_DA,2, R_DA,1 weights) default to the system's
     reference values and apply to ``phys+nn+reg`` only. ``guide`` is ``"amortized"`` (the
     system's encoder) or an AutoGuide with per-sequence latents (see
@@ -71,6 +75,7 @@ class TrainConfig:
     alpha: float | None = None
     beta: float | None = None
     gamma: float | None = None
+    grad_scale: float | None = None
     device: str = "cpu"
     threads: int | None = None
     checkpoint_every: int = 10
@@ -88,6 +93,8 @@ class TrainConfig:
         for name in ("lr", "adam_eps", "clip_value"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.grad_scale is not None and not self.grad_scale > 0:
+            raise ValueError(f"grad_scale must be positive, got {self.grad_scale}")
         for name in ("alpha", "beta", "gamma", "weight_decay"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
@@ -124,8 +131,24 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
                           zip((config.alpha, config.beta, config.gamma), system.reg_weights, strict=True))
     if config.guide != "amortized":  # R_DA,1 and R_DA,2 act through the encoder
         beta = gamma = 0.0
-    regs = phys_vae_regularizers(alpha=precision * alpha, beta=precision * beta, gamma=precision * gamma)
+    regs = phys_vae_regularizers(alpha=precision * alpha, beta=precision * beta, gamma=precision * gamma,
+                                 event_dim=getattr(model, "x_event_dim", 1))
     return PhysVAELoss(elbo, regs, kl_weight=1.0 + alpha)
+
+
+def reference_grad_scale(model: torch.nn.Module, n: int) -> float:
+    """``2 sigma^2 / N``: the factor from our loss, the negative ELBO summed over the ``N``
+    training sequences, to the reference's, the squared error averaged over a batch.
+
+    Adam is invariant to the scale of the gradients except through ``eps`` and gradient
+    clipping; the reference's ``eps = 1e-3`` and clipping at 5 were tuned on its scale, where
+    ``eps`` damps the steps of parameters with small gradients. Unscaled, our gradients are
+    ``N / (2 sigma^2)`` (about 1e9 for advection-diffusion) times larger, so every gradient
+    would be clipped and ``eps`` would do nothing.
+    """
+    if hasattr(model, "noise_scale"):
+        return float(2.0 * model.noise_scale().detach().pow(2)) / n
+    return 1.0 / n
 
 
 def build_pair(system: System, setting: str | Setting, guide: str = "amortized",
@@ -163,8 +186,10 @@ class SVITrainer:
     created lazily, as by AutoGuides, join the optimiser when first seen).
     """
 
-    def __init__(self, model: Callable, guide: Callable, loss: ELBO, config: TrainConfig) -> None:
+    def __init__(self, model: Callable, guide: Callable, loss: ELBO, config: TrainConfig,
+                 grad_scale: float = 1.0) -> None:
         self.model, self.guide, self.loss, self.config = model, guide, loss, config
+        self.grad_scale = float(grad_scale)
         self.optimizer: torch.optim.Adam | None = None
         self._known: set[int] = set()
 
@@ -196,6 +221,8 @@ class SVITrainer:
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value}")
         self._ensure_optimizer(params)
+        if self.grad_scale != 1.0:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], self.grad_scale)
         torch.nn.utils.clip_grad_value_(params, self.config.clip_value)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +304,8 @@ def train(
     # An AutoGuide has latents for the training sequences only: it is validated on them.
     x_check = x_valid if config.guide == "amortized" else x_train
     loss = make_loss(setting, system, config, model)
-    trainer = SVITrainer(model, guide, loss, config)
+    grad_scale = config.grad_scale if config.grad_scale is not None else reference_grad_scale(model, n)
+    trainer = SVITrainer(model, guide, loss, config, grad_scale)
     if config.guide != "amortized":
         with torch.no_grad():
             guide(x_train, subsample=torch.arange(min(batch_size, n), device=device))  # create its parameters

@@ -169,3 +169,73 @@ def test_nuts_command(run_dir: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["nuts", str(run_dir), "--sequences", "0,x"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+ADVDIF_TINY = ["--system", "advdif", "--n-train", "24", "--n-valid", "8", "--n-test", "8",
+               "--n-steps", "12"]
+
+
+@pytest.fixture(scope="module")
+def advdif_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("advdif_cli")
+    data, run = root / "data", root / "run"
+    assert main(["generate", "--out", str(data), *ADVDIF_TINY]) == 0
+    assert main(["train", "--system", "advdif", "--data", str(data), "--out", str(run),
+                 "--epochs", "2", "--batch-size", "12", "--quiet", "--threads", "1"]) == 0
+    return data, run
+
+
+def test_advdif_train_evaluate_extrapolate(advdif_run, tmp_path: Path, capsys) -> None:
+    data, run = advdif_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["system"] == "advdif" and config["model_kwargs"]["n_grid"] == 20
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--samples", "4", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["diffusion"]) >= {"mae", "corr", "coverage90"}
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    ext = tmp_path / "ext"
+    assert main(["extrapolate", str(run), "--steps", "60", "--sequences", "4", "--samples", "2",
+                 "--out", str(ext)]) == 0
+    report = json.loads((ext / "extrapolation.json").read_text())
+    assert report["n_steps"] == 60 and report["train_steps"] == 12
+    assert set(report["horizons"]["x_mean"]) == {"50"}
+    assert len(report["by_step"]["x_mean"]["mse"]) == 60
+    assert (ext / "space_time.png").stat().st_size > 1000
+    assert "step    50" in capsys.readouterr().out
+
+
+def test_advdif_solver_options_and_extrapolation_errors(advdif_run, tmp_path: Path, capsys) -> None:
+    data, run = advdif_run
+    out = tmp_path / "run"
+    assert main(["train", "--system", "advdif", "--setting", "phys-only", "--data", str(data),
+                 "--out", str(out), "--epochs", "1", "--quiet", "--solver", "dopri5",
+                 "--rtol", "1e-4", "--atol", "1e-5"]) == 0
+    kwargs = json.loads((out / "config.json").read_text())["model_kwargs"]
+    assert kwargs["method"] == "dopri5" and kwargs["rtol"] == 1e-4 and "substeps" not in kwargs
+    with pytest.raises(SystemExit):
+        main(["train", "--system", "advdif", "--data", str(data), "--out", str(tmp_path / "x"),
+              "--rtol", "-1"])
+    assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_extrapolate_refuses_the_pendulum(run_dir: Path, capsys) -> None:
+    assert main(["extrapolate", str(run_dir), "--steps", "30"]) == 2
+    assert "no known truth to extrapolate against" in capsys.readouterr().err
+
+
+def test_import_reference_advdif(tmp_path: Path) -> None:
+    src = tmp_path / "ref"
+    src.mkdir()
+    x = np.random.default_rng(0).normal(size=(3, 20, 50))
+    np.save(src / "data_train.npy", x)
+    (src / "args_train.json").write_text(json.dumps({"dx": 0.1, "dt": 0.02}))
+    np.savetxt(src / "true_params_train.txt", np.full((3, 3), 0.05), header="init_mag dcoeff ccoeff")
+    out = tmp_path / "nc"
+    assert main(["import-reference", str(src), "--system", "advdif", "--out", str(out),
+                 "--splits", "train"]) == 0
+    import xarray as xr
+
+    with xr.open_dataset(out / "train.nc", engine="h5netcdf") as ds:
+        assert ds["x"].dims == ("sequence", "space", "time") and ds["x"].shape == (3, 20, 50)
+        assert float(ds["diffusion"][0]) == 0.05

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 
+import pyro
 import pytest
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -278,3 +279,32 @@ def test_make_loss_particles():
     assert loss.num_particles == 4 and loss.vectorize_particles
     loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(num_particles=1))
     assert loss.num_particles == 1 and not loss.vectorize_particles
+
+
+def test_reference_grad_scale_and_its_use_in_the_trainer():
+    """Gradients are multiplied by 2 sigma^2 / N before clipping: with a clip far above
+    them, one Adam step equals a step on the scaled gradient."""
+    from pyro_physvae.train import SVITrainer, reference_grad_scale
+
+    model, _ = get_system("pendulum").build("phys-only", {"n_steps": 5, "dt": 0.1})
+    sigma2 = float(model.noise_scale()) ** 2
+    assert reference_grad_scale(model, 100) == pytest.approx(2 * sigma2 / 100)
+    assert reference_grad_scale(torch.nn.Linear(1, 1), 4) == 0.25
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def model_fn():
+        pyro.param("w", w)
+        pyro.factor("f", -(w * torch.tensor([3.0, 0.5])).sum())
+
+    def guide_fn():
+        pass
+
+    config = TrainConfig(clip_value=1e6, adam_eps=1.0, weight_decay=0.0)
+    trainer = SVITrainer(model_fn, guide_fn, Trace_ELBO(), config, grad_scale=0.1)
+    trainer.step()
+    # Adam's first step is lr * g / (|g| + eps) with g the scaled gradient (0.3, 0.05).
+    g = torch.tensor([0.3, 0.05])
+    assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0]) - 1e-3 * g / (g.abs() + 1.0), atol=1e-7)
+    with pytest.raises(ValueError, match="grad_scale"):
+        TrainConfig(grad_scale=0.0)

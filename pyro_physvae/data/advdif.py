@@ -205,3 +205,18 @@ def _read_true_params(path: Path, n: int) -> dict[str, np.ndarray]:
                          f"sequence), got shape {table.shape}")
     check_sequences(table, str(path))
     return dict(zip(PARAMS, table.T, strict=True))
+
+
+def true_fields(ds: xr.Dataset, n_steps: int) -> torch.Tensor:
+    """Noise-free truth ``(N, n_grid, n_steps)`` of a data set's sequences from their true
+    ``amplitude``, ``diffusion`` and ``advection`` (float64), on the data set's grid and
+    time step; ``n_steps`` may run far past the observed window."""
+    missing = [p for p in PARAMS if p not in ds]
+    if missing:
+        raise ValueError(f"the data set lacks the true parameters {missing}: its truth is unknown")
+    check_positive_int(n_steps, "n_steps")
+    dx, dt = float(ds.attrs["dx"]), float(ds.attrs["dt"])
+    params = {p: torch.as_tensor(ds[p].values, dtype=torch.float64) for p in PARAMS}
+    u0 = initial_profile(params["amplitude"], int(ds.sizes["space"]), dx)
+    t = torch.arange(n_steps, dtype=torch.float64) * dt
+    return advection_diffusion(u0, params["diffusion"], params["advection"], t, dx)
