@@ -1,5 +1,6 @@
 """Amortized encoder guides, one module per physical system."""
 
+from pyro_physvae.guides.advdif import AdvDifGuide
 from pyro_physvae.guides.pendulum import PendulumGuide
 
-__all__ = ["PendulumGuide"]
+__all__ = ["AdvDifGuide", "PendulumGuide"]

@@ -239,3 +239,14 @@ def test_import_reference_advdif(tmp_path: Path) -> None:
     with xr.open_dataset(out / "train.nc", engine="h5netcdf") as ds:
         assert ds["x"].dims == ("sequence", "space", "time") and ds["x"].shape == (3, 20, 50)
         assert float(ds["diffusion"][0]) == 0.05
+
+
+def test_advdif_extrapolation_example(tmp_path: Path) -> None:
+    path = Path(__file__).parents[1] / "examples" / "advdif_extrapolation.py"
+    module = runpy.run_path(str(path))
+    results = module["main"](["--epochs", "2", "--n", "16", "--steps", "60", "--sequences", "4",
+                              "--out", str(tmp_path)])
+    assert set(results) == {"phys+nn+reg", "nn-only"}
+    assert results["nn-only"]["diffusion"] is None
+    assert np.isfinite(results["phys+nn+reg"]["horizons"]["50"]["mse"])
+    assert (tmp_path / "extrapolation_error.png").stat().st_size > 1000

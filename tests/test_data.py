@@ -141,7 +141,11 @@ def test_make_dataset_checks():
 
 
 def test_system_registry():
-    assert SYSTEMS == ("pendulum",)
+    assert SYSTEMS == ("pendulum", "advdif")
+    advdif = get_system("advdif")
+    model, _ = advdif.build("phys+nn", {"n_grid": 6, "n_steps": 4})
+    assert [p.name for p in model.physics_parameters] == ["diffusion"] and model.x_event_dim == 2
+    assert advdif.true_observations is not None
     system = get_system("pendulum")
     model, guide = system.build("phys-only", {"n_steps": 7, "dt": 0.2})
     assert [p.name for p in model.physics_parameters] == ["omega"]

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     run = out / args.setting
     if not (run / "best.pt").is_file():
-        raise SystemExit(f"no trained run in {run}; run benchmarks/pendulum/train_all.py first")
+        raise SystemExit(f"no trained run in {run}; run benchmarks/pendulum/run.py first")
 
     diag = diagnose(run, out / "data", split="test", num_samples=200, iwae_particles=100,
                     calibrate_on="valid", out_dir=out / f"{args.setting}-diagnose")

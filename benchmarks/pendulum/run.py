@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from train_all import main as train_all  # noqa: E402
 
 from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
@@ -29,7 +29,7 @@ from pyro_physvae.settings import SETTINGS  # noqa: E402
 
 
 def main() -> None:
-    out = Path(train_all(sys.argv[1:]).out)
+    out = Path(train_all(["--system", "pendulum", *sys.argv[1:]]).out)
     rows = []
     for setting in SETTINGS:
         run = out / setting

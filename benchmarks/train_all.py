@@ -1,6 +1,9 @@
-"""Train the four pendulum settings at the reference budget (used by run.py).
+"""Train the settings of one system at a fixed budget (used by each system's run.py).
 
-Finished runs (``last.pt`` at the final epoch) are kept; partial ones resume.
+    python benchmarks/train_all.py --system advdif --epochs 2000 --jobs 2 --out DIR
+
+Data are generated (seeded) into ``OUT/data`` when missing. Finished runs (``last.pt`` at the
+final epoch) are kept; partial ones resume.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from pyro_physvae.systems import get_system
 from pyro_physvae.train import TrainConfig, train
 
 
-def ensure_data(data_dir: Path, seed: int) -> None:
+def ensure_data(data_dir: Path, seed: int, system: str = "pendulum") -> None:
     if all((data_dir / f"{s}.nc").is_file() for s in ("train", "valid", "test")):
         return
-    for split, ds in get_system("pendulum").generate(seed=seed).items():
+    for split, ds in get_system(system).generate(seed=seed).items():
         save_dataset(ds, data_dir / f"{split}.nc")
 
 
@@ -29,11 +32,11 @@ def finished(run_dir: Path, epochs: int) -> bool:
     return last.is_file() and load_checkpoint(last)["epoch"] >= epochs
 
 
-def train_one(setting: str, data_dir: str, out: str, config: dict) -> str:
+def train_one(system: str, setting: str, data_dir: str, out: str, config: dict) -> str:
     run_dir = Path(out) / setting
     cfg = TrainConfig(**config)
     if not finished(run_dir, cfg.epochs):
-        train("pendulum", setting, data_dir, run_dir, cfg,
+        train(system, setting, data_dir, run_dir, cfg,
               resume=(run_dir / "last.pt").is_file(), progress=False)
     return setting
 
@@ -41,20 +44,26 @@ def train_one(setting: str, data_dir: str, out: str, config: dict) -> str:
 def main(argv: list[str] | None = None) -> argparse.Namespace:
     """Train what is missing; return the parsed arguments."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
-    p.add_argument("--epochs", type=int, default=5000)
+    p.add_argument("--system", default="pendulum")
+    p.add_argument("--out", default=None, help="default: benchmarks/<system>/out")
+    p.add_argument("--epochs", type=int, default=None, help="default: the system's reference")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="settings trained side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--grad-scale", type=float, default=None,
+                   help="gradient factor (default: the reference loss scale; 1 reproduces the "
+                   "pendulum results recorded before that default)")
     args = p.parse_args(argv)
+    args.out = args.out or str(Path(__file__).parent / args.system / "out")
+    args.epochs = args.epochs or get_system(args.system).train_defaults["epochs"]
     out = Path(args.out)
-    ensure_data(out / "data", args.seed)
+    ensure_data(out / "data", args.seed, args.system)
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-              "threads": args.threads, "checkpoint_every": 100}
+              "threads": args.threads, "checkpoint_every": 100, "grad_scale": args.grad_scale}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(train_one, s, str(out / "data"), str(out), config)
+        futures = [pool.submit(train_one, args.system, s, str(out / "data"), str(out), config)
                    for s in args.settings]
         for f in futures:
             print("trained", f.result(), flush=True)

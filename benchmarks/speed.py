@@ -1,10 +1,11 @@
-"""Training speed of the four pendulum settings, one at a time, at the reference batch size.
+"""Training speed of a system's four settings, one at a time, at the reference batch size.
 
-    python benchmarks/pendulum/speed.py [--epochs 40] [--threads 1]
+    python benchmarks/speed.py --system pendulum [--epochs 40] [--threads 1]
 
-Trains each setting for a few epochs on 1000 sequences (batch 200, Euler) with a fixed thread
-count and reports the median wall time per epoch, validation on 500 sequences included, in
-``out/speed.json``. Run it on an otherwise idle machine.
+Trains each setting for a few epochs on the benchmark data (1000 training sequences, batch
+200, the model's default solver) with a fixed thread count and reports the median wall time per
+epoch, with and without validation, in ``benchmarks/<system>/out/speed.json``. Run it on an
+otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -29,23 +30,24 @@ from pyro_physvae.train import TrainConfig, train  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--system", default="pendulum")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    p.add_argument("--out", default=None, help="default: benchmarks/<system>/out")
     args = p.parse_args()
-    out = Path(args.out)
-    ensure_data(out / "data", seed=0)
+    out = Path(args.out or Path(__file__).parent / args.system / "out")
+    ensure_data(out / "data", seed=0, system=args.system)
     rows = {}
     for setting in SETTINGS:
         with tempfile.TemporaryDirectory() as tmp:
-            h = train("pendulum", setting, out / "data", tmp,
+            h = train(args.system, setting, out / "data", tmp,
                       TrainConfig(epochs=args.epochs, batch_size=200, threads=args.threads,
                                   checkpoint_every=args.epochs), progress=False)
         skip = min(5, args.epochs - 1)  # warm-up epochs
         rows[setting] = {"s_per_epoch": float(np.median([r["time_epoch"] for r in h[skip:]])),
                          "s_per_epoch_train_only": float(np.median([r["time_train"] for r in h[skip:]]))}
         print(setting, rows[setting], flush=True)
-    result = {"date": date.today().isoformat(), "machine": platform.platform(),
+    result = {"system": args.system, "date": date.today().isoformat(), "machine": platform.platform(),
               "torch": torch.__version__, "threads": args.threads, "epochs": args.epochs, "rows": rows}
     (out / "speed.json").write_text(json.dumps(result, indent=2))
 
