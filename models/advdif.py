@@ -27,12 +27,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroParam
 from torch import Tensor
 
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
-from pyro_physvae.ode import check_method, integrate, time_grid
+from pyro_physvae.ode import time_grid
 from pyro_physvae.pde import second_difference_matrix
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.settings import Setting
@@ -90,19 +89,13 @@ class AdvDifModel(PhysVAEModel):
         self.setting = Setting.parse(setting)
         if n_grid < 3:
             raise ValueError(f"n_grid must be at least 3, got {n_grid}")
-        if n_steps < 2:
-            raise ValueError(f"n_steps must be at least 2, got {n_steps}")
-        for name, value in (("dx", dx), ("dt", dt), ("rtol", rtol), ("atol", atol)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        if not dx > 0:
+            raise ValueError(f"dx must be positive, got {dx}")
         if dim_z_aux1 < 0:
             raise ValueError(f"dim_z_aux1 must be non-negative, got {dim_z_aux1}")
-        if substeps < 1:
-            raise ValueError(f"substeps must be a positive integer, got {substeps}")
+        self._setup_time_and_solver(n_steps, dt, method, substeps, rtol, atol)
+        self._setup_noise(x_lnvar, learn_noise)
         self.n_grid, self.dx = int(n_grid), float(dx)
-        self.n_steps, self.dt = int(n_steps), float(dt)
-        self.method, self.substeps = check_method(method), int(substeps)
-        self.rtol, self.atol = float(rtol), float(atol)
         self.diffusion = diffusion
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
         self.time_input = bool(time_input)
@@ -111,12 +104,6 @@ class AdvDifModel(PhysVAEModel):
         if self.setting.has_nn:
             dim_in = X + 2 * int(self.time_input) + self.dim_z_aux1
             self.aux1 = MLP(dim_in, hidden_aux1, X, activation, zero_last=True)
-        lnvar = torch.tensor(float(x_lnvar))
-        if learn_noise:
-            self.x_lnvar = PyroParam(lnvar)
-        else:
-            self.register_buffer("x_lnvar", lnvar)
-        self.register_buffer("t", time_grid(self.n_steps, self.dt))
         lap = second_difference_matrix(X, self.dx)
         self.register_buffer("laplacian", lap, persistent=False)
         # phys+nn solves physics-only and physics+net fields together: state (P, PA), (2X,).
@@ -211,14 +198,9 @@ class AdvDifModel(PhysVAEModel):
 
     def _solve(self, rhs, y0: Tensor, t: Tensor) -> Tensor:
         """Integrate and return fields ``(..., B, D, T)`` (space before time, as in ``x``)."""
-        ys = integrate(rhs, y0, t, method=self.method, substeps=self.substeps,
-                       rtol=self.rtol, atol=self.atol)
-        return ys.transpose(-1, -2)
+        return self._integrate(rhs, y0, t).transpose(-1, -2)
 
     # -- the Pyro model ------------------------------------------------------------------
-    def noise_scale(self) -> Tensor:
-        return torch.exp(0.5 * self.x_lnvar)
-
     def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor], *,
                      n_steps: int | None = None) -> dict[str, Tensor]:
         return self.decode(init, latents.get("diffusion"), latents.get("z_A1"), n_steps=n_steps)

@@ -30,12 +30,10 @@ from collections.abc import Mapping, Sequence
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroParam
 from torch import Tensor
 
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
-from pyro_physvae.ode import check_method, integrate, time_grid
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.settings import Setting
 
@@ -106,17 +104,10 @@ class PendulumModel(PhysVAEModel):
     ) -> None:
         super().__init__(name="pendulum_model")
         self.setting = Setting.parse(setting)
-        if n_steps < 2:
-            raise ValueError(f"n_steps must be at least 2, got {n_steps}")
-        if not dt > 0:
-            raise ValueError(f"dt must be positive, got {dt}")
         if dim_z_aux1 < 0 or dim_z_aux2 < 0:
             raise ValueError("latent sizes must be non-negative")
-        self.n_steps, self.dt = int(n_steps), float(dt)
-        self.method, self.substeps = check_method(method), int(substeps)
-        if not (rtol > 0 and atol > 0):
-            raise ValueError(f"rtol and atol must be positive, got {rtol} and {atol}")
-        self.rtol, self.atol = float(rtol), float(atol)
+        self._setup_time_and_solver(n_steps, dt, method, substeps, rtol, atol)
+        self._setup_noise(x_lnvar, learn_noise)
         self.omega = omega
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
         self.dim_z_aux2 = dim_z_aux2
@@ -127,12 +118,6 @@ class PendulumModel(PhysVAEModel):
                             zero_last=True)
             dim_in = int(self.setting.has_physics) + self.dim_z_aux1 + self.dim_z_aux2
             self.aux2 = MLP(dim_in, hidden_aux2, self.n_steps, activation, zero_last=True)
-        lnvar = torch.tensor(float(x_lnvar))
-        if learn_noise:
-            self.x_lnvar = PyroParam(lnvar)
-        else:
-            self.register_buffer("x_lnvar", lnvar)
-        self.register_buffer("t", time_grid(self.n_steps, self.dt))
         for name, value in _CONSTANT_MAPS.items():
             self.register_buffer(name, torch.tensor(value), persistent=False)
 
@@ -204,8 +189,7 @@ class PendulumModel(PhysVAEModel):
         return net if self.time_input else (lambda t, y: net(y))
 
     def _solve(self, rhs, y0: Tensor) -> Tensor:
-        return integrate(rhs, y0, self.t, method=self.method, substeps=self.substeps,
-                         rtol=self.rtol, atol=self.atol)
+        return self._integrate(rhs, y0)
 
     def physics_only(self, init: Tensor, omega: Tensor, *, clamp: bool = True) -> Tensor:
         """Physics-only angle curves ``(..., B, T)`` for angles ``init`` and ``omega``."""
@@ -219,9 +203,6 @@ class PendulumModel(PhysVAEModel):
         return {"omega": omega}, self.physics_only(init, omega)
 
     # -- the Pyro model ------------------------------------------------------------------
-    def noise_scale(self) -> Tensor:
-        return torch.exp(0.5 * self.x_lnvar)
-
     def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.decode(init, latents.get("omega"), latents.get("z_A1"), latents.get("z_A2"))
 

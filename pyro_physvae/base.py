@@ -21,9 +21,10 @@ from collections.abc import Mapping
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
+from pyro_physvae.ode import check_method, integrate, time_grid
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.regularizers import guide_deterministic
 from pyro_physvae.settings import Setting
@@ -43,7 +44,8 @@ class PhysVAEModel(PyroModule):
     * ``aux_dims``: ``{"z_A1": dim, ...}`` for the settings with networks (empty otherwise);
     * ``physics_parameters``: the physics latents, as a property (empty for ``nn-only``);
 
-    and implement :meth:`decode_sites` and :meth:`noise_scale`. Class attributes:
+    and implement :meth:`decode_sites`; ``_setup_time_and_solver`` and ``_setup_noise`` set
+    the time grid, solver options and observation noise. Class attributes:
     ``x_event_dim`` (rank of one observation: 1 for a series ``(T,)``, 2 for a field ``(X,
     T)``), ``init_event_dim`` (rank of the initial state read from it) and
     ``supports_rollout``.
@@ -71,7 +73,38 @@ class PhysVAEModel(PyroModule):
         raise NotImplementedError
 
     def noise_scale(self) -> Tensor:
-        raise NotImplementedError
+        """Standard deviation of the Gaussian observation noise."""
+        return torch.exp(0.5 * self.x_lnvar)
+
+    def _setup_time_and_solver(self, n_steps: int, dt: float, method: str, substeps: int,
+                               rtol: float, atol: float) -> None:
+        """Check and keep the time grid and the ODE solver options; registers the buffer
+        ``t`` of observation times."""
+        if n_steps < 2:
+            raise ValueError(f"n_steps must be at least 2, got {n_steps}")
+        for name, value in (("dt", dt), ("rtol", rtol), ("atol", atol)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if substeps < 1:
+            raise ValueError(f"substeps must be a positive integer, got {substeps}")
+        self.n_steps, self.dt = int(n_steps), float(dt)
+        self.method, self.substeps = check_method(method), int(substeps)
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.register_buffer("t", time_grid(self.n_steps, self.dt))
+
+    def _setup_noise(self, x_lnvar: float, learn_noise: bool) -> None:
+        """The observation noise's log variance: a learnt parameter or a fixed buffer."""
+        lnvar = torch.tensor(float(x_lnvar))
+        if learn_noise:
+            self.x_lnvar = PyroParam(lnvar)
+        else:
+            self.register_buffer("x_lnvar", lnvar)
+
+    def _integrate(self, rhs, y0: Tensor, t: Tensor | None = None) -> Tensor:
+        """Solve with the model's solver options on ``t`` (default: the observation times);
+        returns ``(..., T, D)``."""
+        return integrate(rhs, y0, self.t if t is None else t, method=self.method,
+                         substeps=self.substeps, rtol=self.rtol, atol=self.atol)
 
     def observation_shape(self) -> tuple[int, ...] | None:
         """Expected shape of one observation (``None``: only the time axis is checked)."""

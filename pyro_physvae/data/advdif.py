@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import xarray as xr
 from torchdiffeq import odeint
 
-from pyro_physvae.data.io import SPLITS
+from pyro_physvae.data.io import generate_splits, uniform_draws
 from pyro_physvae.pde import central_difference_matrix, second_difference_matrix
 from pyro_physvae.validation import check_positive_int, check_sequences
 
@@ -106,11 +106,7 @@ def advection_diffusion(u0: torch.Tensor, diffusion: torch.Tensor, advection: to
 def generate_split(n: int, config: AdvDifDataConfig, generator: torch.Generator,
                    split: str = "train") -> xr.Dataset:
     """One split of ``n`` noisy space-time fields with their true parameters."""
-    def uniform(lo_hi: tuple[float, float]) -> torch.Tensor:
-        lo, hi = lo_hi
-        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-
-    params = {name: uniform(getattr(config, name)) for name in PARAMS}
+    params = {name: uniform_draws(getattr(config, name), n, generator) for name in PARAMS}
     t = torch.arange(config.n_steps, dtype=torch.float64) * config.dt
     u0 = initial_profile(params["amplitude"], config.n_grid, config.dx)
     clean = advection_diffusion(u0, params["diffusion"], params["advection"], t, config.dx)
@@ -122,12 +118,7 @@ def generate_split(n: int, config: AdvDifDataConfig, generator: torch.Generator,
 
 def generate(config: AdvDifDataConfig = AdvDifDataConfig(), seed: int = 0) -> dict[str, xr.Dataset]:
     """All three splits, reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(int(seed))
-    sizes = {"train": config.n_train, "valid": config.n_valid, "test": config.n_test}
-    out = {split: generate_split(sizes[split], config, g, split) for split in SPLITS}
-    for ds in out.values():
-        ds.attrs.update({"seed": int(seed), **{f"config_{k}": str(v) for k, v in asdict(config).items()}})
-    return out
+    return generate_splits(config, seed, generate_split)
 
 
 def make_dataset(x: np.ndarray, dx: float, dt: float, params: dict[str, np.ndarray] | None = None,

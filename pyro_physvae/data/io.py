@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,3 +61,23 @@ def to_tensor(values: np.ndarray | xr.DataArray, device: torch.device | str = "c
     """Float tensor in the default dtype on ``device``."""
     arr = values.values if isinstance(values, xr.DataArray) else values
     return torch.as_tensor(np.asarray(arr), dtype=torch.get_default_dtype(), device=device)
+
+
+def generate_splits(config: Any, seed: int,
+                    generate_split: Callable[[int, Any, torch.Generator, str], xr.Dataset]
+                    ) -> dict[str, xr.Dataset]:
+    """The three splits of a synthetic data set, reproducible from ``seed``: one generator
+    feeds ``generate_split(n, config, generator, split)`` for the sizes ``config.n_train``,
+    ``n_valid`` and ``n_test`` in turn. The seed and the config are kept as attributes."""
+    g = torch.Generator().manual_seed(int(seed))
+    sizes = {"train": config.n_train, "valid": config.n_valid, "test": config.n_test}
+    out = {split: generate_split(sizes[split], config, g, split) for split in SPLITS}
+    for ds in out.values():
+        ds.attrs.update({"seed": int(seed), **{f"config_{k}": str(v) for k, v in asdict(config).items()}})
+    return out
+
+
+def uniform_draws(low_high: tuple[float, float], n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` float64 draws, uniform on ``[low, high]``."""
+    low, high = low_high
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)

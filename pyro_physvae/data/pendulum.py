@@ -8,7 +8,7 @@ with Gaussian noise. Parameter ranges follow the reference work (see DESIGN.md).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 from torchdiffeq import odeint
 
-from pyro_physvae.data.io import SPLITS
+from pyro_physvae.data.io import generate_splits, uniform_draws
 from pyro_physvae.validation import check_positive_int, check_sequences
 
 SYSTEM = "pendulum"
@@ -84,11 +84,7 @@ def forced_damped_pendulum(
 def generate_split(n: int, config: PendulumDataConfig, generator: torch.Generator,
                    split: str = "train") -> xr.Dataset:
     """One split of ``n`` noisy sequences with their true parameters."""
-    def uniform(lo_hi: tuple[float, float]) -> torch.Tensor:
-        lo, hi = lo_hi
-        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-
-    params = {name: uniform(getattr(config, name)) for name in PARAMS}
+    params = {name: uniform_draws(getattr(config, name), n, generator) for name in PARAMS}
     t = torch.arange(config.n_steps, dtype=torch.float64) * config.dt
     clean = forced_damped_pendulum(*(params[k] for k in PARAMS), t)
     noise = config.noise_std * torch.randn(clean.shape, generator=generator, dtype=torch.float64)
@@ -98,12 +94,7 @@ def generate_split(n: int, config: PendulumDataConfig, generator: torch.Generato
 
 def generate(config: PendulumDataConfig = PendulumDataConfig(), seed: int = 0) -> dict[str, xr.Dataset]:
     """All three splits, reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(int(seed))
-    sizes = {"train": config.n_train, "valid": config.n_valid, "test": config.n_test}
-    out = {split: generate_split(sizes[split], config, g, split) for split in SPLITS}
-    for ds in out.values():
-        ds.attrs.update({"seed": int(seed), **{f"config_{k}": str(v) for k, v in asdict(config).items()}})
-    return out
+    return generate_splits(config, seed, generate_split)
 
 
 def make_dataset(x: np.ndarray, dt: float, params: dict[str, np.ndarray] | None = None, *,
