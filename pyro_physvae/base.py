@@ -165,7 +165,8 @@ class PhysVAEModel(PyroModule):
             for name, dim in self.aux_dims.items():
                 latents[name] = pyro.sample(name, standard_normal(dim, init))
             for p in self.physics_parameters:
-                latents[p.name] = pyro.sample(p.name, priors.get(p.name) or p.prior(init.device))
+                prior = priors[p.name] if p.name in priors else p.prior(init.device)
+                latents[p.name] = pyro.sample(p.name, prior)
             curves = self.decode_sites(init_b, latents)
             for name, value in curves.items():
                 pyro.deterministic(name, value, event_dim=self.x_event_dim)
