@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-import pyro_physvae.models.pendulum as pendulum_module
+import pyro_physvae.base as base_module
 from pyro_physvae.checkpoint import load_checkpoint
 from pyro_physvae.ode import IntegrationError
 from pyro_physvae.regularizers import (
@@ -133,7 +133,7 @@ def test_resume_errors(reference_run, tiny_data_dir, tmp_path):
 # --------------------------------------------------------------------------------------
 def test_ode_blow_up_stops_training_and_keeps_best_checkpoint(tiny_data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "diverging"
-    real_integrate = pendulum_module.integrate
+    real_integrate = base_module.integrate
     calls = {"n": 0}
     seen = {}
 
@@ -145,7 +145,7 @@ def test_ode_blow_up_stops_training_and_keeps_best_checkpoint(tiny_data_dir, tmp
             raise IntegrationError("the ODE solution became non-finite (test)")
         return real_integrate(*args, **kwargs)
 
-    monkeypatch.setattr(pendulum_module, "integrate", failing_integrate)
+    monkeypatch.setattr(base_module, "integrate", failing_integrate)
     with pytest.raises(TrainingDiverged, match=r"training stopped at epoch 3: .*non-finite.*kept unchanged"):
         train("pendulum", "phys+nn+reg", tiny_data_dir, run_dir, TrainConfig(epochs=20, **RUN),
               progress=False)
