@@ -224,6 +224,13 @@ def _indices(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every command that reads a trained run: RUN, --data, --split."""
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--data", default=None, help="default: the run's training data directory")
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyro_physvae.autoguides import GUIDES
     from pyro_physvae.ode import METHODS
@@ -288,9 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics and figures of a run on a split")
-    e.add_argument("run", help="run directory")
-    e.add_argument("--data", default=None, help="default: the run's training data directory")
-    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    _add_run_arguments(e)
     e.add_argument("--samples", type=_positive_int, default=100)
     e.add_argument("--out", default=None)
     e.add_argument("--device", default="cpu")
@@ -299,9 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("diagnose", help="ArviZ InferenceData, summaries, IWAE, calibration, figures")
-    d.add_argument("run", help="run directory")
-    d.add_argument("--data", default=None, help="default: the run's training data directory")
-    d.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    _add_run_arguments(d)
     d.add_argument("--samples", type=_positive_int, default=200, help="posterior draws per sequence")
     d.add_argument("--iwae-particles", type=_positive_int, default=100)
     d.add_argument("--calibrate-on", default="valid", choices=["train", "valid", "test", "none"],
@@ -312,9 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_diagnose)
 
     n = sub.add_parser("nuts", help="NUTS over a few sequences' latents (nets fixed), amortization gap")
-    n.add_argument("run", help="run directory")
-    n.add_argument("--data", default=None, help="default: the run's training data directory")
-    n.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    _add_run_arguments(n)
     n.add_argument("--sequences", type=_indices, default=(0, 1, 2),
                    help="comma-separated positions in the split, e.g. 0,1,2")
     n.add_argument("--samples", type=_positive_int, default=500, help="draws per chain")
@@ -326,9 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=cmd_nuts)
 
     c = sub.add_parser("counterfactual", help="decode with omega scaled and compare with truth")
-    c.add_argument("run")
-    c.add_argument("--data", default=None)
-    c.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    _add_run_arguments(c)
     c.add_argument("--factors", type=_factors, default=(0.2, 0.5, 1.0, 2.0, 3.0))
     c.add_argument("--sequences", type=_positive_int, default=100)
     c.add_argument("--out", default=None)
@@ -336,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("extrapolate", help="roll a run out far past its training window and "
                        "compare with the truth (advdif)")
-    x.add_argument("run")
-    x.add_argument("--data", default=None)
-    x.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    _add_run_arguments(x)
     x.add_argument("--steps", type=_positive_int, default=1000, help="roll-out length in time steps")
     x.add_argument("--sequences", type=_positive_int, default=200)
     x.add_argument("--samples", type=_positive_int, default=50,

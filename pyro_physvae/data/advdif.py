@@ -22,7 +22,7 @@ import torch
 import xarray as xr
 from torchdiffeq import odeint
 
-from pyro_physvae.data.io import generate_splits, uniform_draws
+from pyro_physvae.data.io import check_data_config, generate_splits, uniform_draws
 from pyro_physvae.pde import central_difference_matrix, second_difference_matrix
 from pyro_physvae.validation import check_positive_int, check_sequences
 
@@ -51,19 +51,9 @@ class AdvDifDataConfig:
     advection: tuple[float, float] = (0.01, 0.1)
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_valid", "n_test", "n_steps"):
-            check_positive_int(getattr(self, name), name)
+        check_data_config(self, positive=("dx", "dt"), ranges=PARAMS)
         if check_positive_int(self.n_grid, "n_grid") < 3:
             raise ValueError(f"n_grid must be at least 3, got {self.n_grid}")
-        for name in ("dx", "dt"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        for name in PARAMS:
-            lo, hi = getattr(self, name)
-            if not lo <= hi:
-                raise ValueError(f"range of {name} must have low <= high, got ({lo}, {hi})")
         if self.diffusion[0] < 0:
             raise ValueError(f"diffusion coefficients must be >= 0, got range {self.diffusion}")
 

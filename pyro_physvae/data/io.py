@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 
 from pyro_physvae.files import atomic_write
-from pyro_physvae.validation import check_sequences
+from pyro_physvae.validation import check_positive_int, check_sequences
 
 SPLITS = ("train", "valid", "test")
 
@@ -81,3 +81,20 @@ def uniform_draws(low_high: tuple[float, float], n: int, generator: torch.Genera
     """``n`` float64 draws, uniform on ``[low, high]``."""
     low, high = low_high
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+def check_data_config(config: Any, positive: tuple[str, ...], ranges: tuple[str, ...]) -> None:
+    """Validate a generator config: positive split sizes ``n_train``, ``n_valid``,
+    ``n_test`` and length ``n_steps``, the fields ``positive`` > 0, ``noise_std`` >= 0, and
+    every ``(low, high)`` field named in ``ranges`` with ``low <= high``."""
+    for name in ("n_train", "n_valid", "n_test", "n_steps"):
+        check_positive_int(getattr(config, name), name)
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if not config.noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {config.noise_std}")
+    for name in ranges:
+        lo, hi = getattr(config, name)
+        if not lo <= hi:
+            raise ValueError(f"range of {name} must have low <= high, got ({lo}, {hi})")

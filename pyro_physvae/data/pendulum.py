@@ -16,8 +16,8 @@ import torch
 import xarray as xr
 from torchdiffeq import odeint
 
-from pyro_physvae.data.io import generate_splits, uniform_draws
-from pyro_physvae.validation import check_positive_int, check_sequences
+from pyro_physvae.data.io import check_data_config, generate_splits, uniform_draws
+from pyro_physvae.validation import check_sequences
 
 SYSTEM = "pendulum"
 #: Data-set variable names of the true parameters, in the reference text header's order.
@@ -44,16 +44,7 @@ class PendulumDataConfig:
     forcing_frequency: tuple[float, float] = (3.14, 6.28)
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_valid", "n_test", "n_steps"):
-            check_positive_int(getattr(self, name), name)
-        if not self.dt > 0:
-            raise ValueError(f"dt must be positive, got {self.dt}")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        for name in PARAMS:
-            lo, hi = getattr(self, name)
-            if not lo <= hi:
-                raise ValueError(f"range of {name} must have low <= high, got ({lo}, {hi})")
+        check_data_config(self, positive=("dt",), ranges=PARAMS)
 
 
 def forced_damped_pendulum(
