@@ -20,10 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pyro  # noqa: E402
 import torch  # noqa: E402
+from pyro.infer import Predictive  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from pyro_physvae.diagnostics import sample_posterior  # noqa: E402
 from pyro_physvae.evaluate import _save, load_run, plot_field_grid, write_json  # noqa: E402
 from pyro_physvae.validation import check_positive_int  # noqa: E402
 
@@ -52,7 +53,10 @@ def rollout(model, guide: Callable, x: Tensor, n_steps: int, *, num_samples: int
         raise ValueError(f"{type(model).__name__} cannot be rolled out past its training window "
                          "(its decoder has a fixed output length)")
     check_positive_int(n_steps, "n_steps")
-    draws = sample_posterior(model, guide, x, num_samples, seed=seed, keep=())
+    # Only the latents are needed: draw them from the guide alone, without decoding each draw.
+    pyro.set_rng_seed(seed)
+    draws = Predictive(guide, num_samples=check_positive_int(num_samples, "num_samples"),
+                       parallel=True)(x)
     latents = {name: draws[name].mean(0) for name in model.latent_sites}
     curves = model.decode_sites(model.initial_condition(x), latents, n_steps=n_steps)
     return {k: v for k, v in curves.items() if k in ("x_mean", "x_P")}
