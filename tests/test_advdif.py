@@ -342,3 +342,22 @@ def test_rollout_of_the_physics_reproduces_pure_diffusion():
 def test_model_runs_with_the_adaptive_solver(setting, fields):
     model, guide = make_pair(setting, method="dopri5", rtol=1e-4, atol=1e-5)
     assert math.isfinite(Trace_ELBO().loss(model, guide, fields))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_grid": 2}, "n_grid must be at least 3"),
+    ({"dx": 0.0}, "dx must be positive"),
+    ({"noise_std": -1.0}, "noise_std must be >= 0"),
+    ({"diffusion": (0.1, 0.01)}, "range of diffusion must have low <= high"),
+    ({"diffusion": (-0.1, 0.1)}, "diffusion coefficients must be >= 0"),
+    ({"n_steps": 0}, "n_steps must be a positive integer"),
+])
+def test_generator_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.AdvDifDataConfig(**kwargs)
+
+
+def test_truth_needs_the_true_parameters():
+    ds = data.make_dataset(np.zeros((2, 5, 4)), 0.1, 0.02)
+    with pytest.raises(ValueError, match="lacks the true parameters"):
+        data.true_fields(ds, 10)
