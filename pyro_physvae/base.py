@@ -5,11 +5,12 @@ guide); these base classes supply the probabilistic program around them, so that
 have the same sites, plates and hooks:
 
 * model: ``data`` plate (dim -1, minibatch through ``subsample``); deterministic ``init``
-  (the initial state read off the data); auxiliary latents ``z_A1``/``z_A2`` with standard
-  Normal priors; the physics latents with their :class:`~pyro_physvae.physics.PhysicalParameter`
+  (the initial state read off the data, for systems that have one); latent states (e.g. an
+  unobserved initial state) and auxiliary latents ``z_A1``/``z_A2`` with standard Normal
+  priors; the physics latents with their :class:`~pyro_physvae.physics.PhysicalParameter`
   priors (replaceable per call, for hierarchical programs); the curves returned by ``decode``
   as deterministic sites; the observation ``x`` with the system's event rank.
-* guide: the same plate; ``q(z_A | x)`` from the auxiliary encoders; in settings with both
+* guide: the same plate; ``q(state | x)`` and ``q(z_A | x)`` from their encoders; in settings with both
   physics and networks, an ``unmixed`` signal (recorded for R_DA,1) from which the physics
   encoder gives ``q(z_P | x)``.
 """
@@ -28,7 +29,7 @@ from pyro_physvae.ode import check_method, integrate, time_grid
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.regularizers import guide_deterministic
 from pyro_physvae.settings import Setting
-from pyro_physvae.validation import check_sequences
+from pyro_physvae.validation import check_positive_int, check_sequences
 
 
 def standard_normal(dim: int, like: Tensor) -> dist.Distribution:
@@ -42,17 +43,22 @@ class PhysVAEModel(PyroModule):
 
     * ``setting`` (:class:`Setting`), ``n_steps`` (length of the time axis, last in ``x``);
     * ``aux_dims``: ``{"z_A1": dim, ...}`` for the settings with networks (empty otherwise);
+    * ``state_dims``: ``{"y0": dim}`` for latents of the physical state present in every
+      setting, such as an initial state that the data do not show (default: none);
     * ``physics_parameters``: the physics latents, as a property (empty for ``nn-only``);
 
     and implement :meth:`decode_sites`; ``_setup_time_and_solver`` and ``_setup_noise`` set
     the time grid, solver options and observation noise. Class attributes:
     ``x_event_dim`` (rank of one observation: 1 for a series ``(T,)``, 2 for a field ``(X,
-    T)``), ``init_event_dim`` (rank of the initial state read from it) and
-    ``supports_rollout``.
+    T)``), ``init_event_dim`` (rank of the initial state read from it; ``None`` for a
+    system that reads none: static physics, or a latent initial state) and
+    ``supports_rollout``. Static systems need no time grid: they skip
+    ``_setup_time_and_solver`` and leave ``n_steps`` unset.
     """
 
     x_event_dim: int = 1
-    init_event_dim: int = 0
+    init_event_dim: int | None = 0
+    state_dims: Mapping[str, int] = {}
     #: ``decode_sites`` takes ``n_steps=`` and can run past the training window.
     supports_rollout: bool = False
     setting: Setting
@@ -66,10 +72,12 @@ class PhysVAEModel(PyroModule):
     @property
     def latent_sites(self) -> tuple[str, ...]:
         """Names of the latent sample sites, physics parameters first."""
-        return tuple(p.name for p in self.physics_parameters) + tuple(self.aux_dims)
+        return (tuple(p.name for p in self.physics_parameters) + tuple(self.state_dims)
+                + tuple(self.aux_dims))
 
-    def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Curves (at least ``x_mean``) from the initial state and latents named by site."""
+    def decode_sites(self, init: Tensor | None, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Curves (at least ``x_mean``) from the observed initial state (``None`` for a
+        system that reads none) and the latents named by site."""
         raise NotImplementedError
 
     def noise_scale(self) -> Tensor:
@@ -110,12 +118,13 @@ class PhysVAEModel(PyroModule):
         """Expected shape of one observation (``None``: only the time axis is checked)."""
         return None
 
-    def initial_condition(self, x: Tensor) -> Tensor:
-        """The initial state read off the observations: their first time step."""
-        return x[..., 0]
+    def initial_condition(self, x: Tensor) -> Tensor | None:
+        """The initial state read off the observations: their first time step (``None``
+        for a system with ``init_event_dim = None``)."""
+        return None if self.init_event_dim is None else x[..., 0]
 
     def check_observations(self, x: Tensor) -> None:
-        check_sequences(x, "x", n_steps=self.n_steps, rank=1 + self.x_event_dim)
+        check_sequences(x, "x", n_steps=getattr(self, "n_steps", None), rank=1 + self.x_event_dim)
         shape = self.observation_shape()
         if shape is not None and tuple(x.shape[1:]) != tuple(shape):
             raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}), "
@@ -126,6 +135,7 @@ class PhysVAEModel(PyroModule):
         x: Tensor | None = None,
         *,
         init: Tensor | None = None,
+        size: int | None = None,
         subsample: Tensor | None = None,
         priors: Mapping[str, dist.Distribution] | None = None,
     ) -> Tensor:
@@ -133,7 +143,9 @@ class PhysVAEModel(PyroModule):
 
         Args:
             x: observations ``(N, *event)``, time last, or ``None`` to generate.
-            init: initial states ``(N, *init_event)``; default: read off ``x``.
+            init: initial states ``(N, *init_event)``; default: read off ``x``. Systems
+                with ``init_event_dim = None`` take none.
+            size: number N of rows to generate when neither ``x`` nor ``init`` gives it.
             subsample: indices of the minibatch within the N rows (the ``data`` plate
                 scales the likelihood by ``N / B``).
             priors: replacements for the priors of physics parameters by name, e.g. a
@@ -145,27 +157,23 @@ class PhysVAEModel(PyroModule):
         """
         if x is not None:
             self.check_observations(x)
-        if init is None:
-            if x is None:
-                raise ValueError("give the observations x or the initial states init")
-            init = self.initial_condition(x)
-        if init.dim() != 1 + self.init_event_dim:
-            raise ValueError(f"init must have {1 + self.init_event_dim} dimension(s) (N, ...), "
-                             f"got shape {tuple(init.shape)}")
-        if x is not None and init.shape[0] != x.shape[0]:
-            raise ValueError(f"init has {init.shape[0]} entries but x has {x.shape[0]} rows")
+        init = self._checked_init(x, init)
+        n = self._plate_size(x, init, size)
+        like = next(t for t in (x, init, self._dtype_probe()) if t is not None)
         priors = dict(priors or {})
         unknown = set(priors) - {p.name for p in self.physics_parameters}
         if unknown:
             raise ValueError(f"priors given for {sorted(unknown)}, which are not physics "
                              f"parameters of this model ({list(self.latent_sites)})")
         latents: dict[str, Tensor] = {}
-        with pyro.plate("data", init.shape[0], subsample=subsample) as idx:
-            init_b = pyro.deterministic("init", init[idx], event_dim=self.init_event_dim)
-            for name, dim in self.aux_dims.items():
-                latents[name] = pyro.sample(name, standard_normal(dim, init))
+        with pyro.plate("data", n, subsample=subsample) as idx:
+            init_b = None
+            if init is not None:
+                init_b = pyro.deterministic("init", init[idx], event_dim=self.init_event_dim)
+            for name, dim in {**self.state_dims, **self.aux_dims}.items():
+                latents[name] = pyro.sample(name, standard_normal(dim, like))
             for p in self.physics_parameters:
-                prior = priors[p.name] if p.name in priors else p.prior(init.device)
+                prior = priors[p.name] if p.name in priors else p.prior(like.device)
                 latents[p.name] = pyro.sample(p.name, prior)
             curves = self.decode_sites(init_b, latents)
             for name, value in curves.items():
@@ -175,22 +183,59 @@ class PhysVAEModel(PyroModule):
             pyro.sample("x", obs, obs=x_b)
         return curves["x_mean"]
 
+    def _checked_init(self, x: Tensor | None, init: Tensor | None) -> Tensor | None:
+        """The initial states given or read off ``x``, checked against ``x``."""
+        if self.init_event_dim is None:
+            if init is not None:
+                raise ValueError(f"{type(self).__name__} reads no initial state; do not pass init")
+            return None
+        if init is None:
+            if x is None:
+                raise ValueError("give the observations x or the initial states init")
+            init = self.initial_condition(x)
+        if init.dim() != 1 + self.init_event_dim:
+            raise ValueError(f"init must have {1 + self.init_event_dim} dimension(s) (N, ...), "
+                             f"got shape {tuple(init.shape)}")
+        if x is not None and init.shape[0] != x.shape[0]:
+            raise ValueError(f"init has {init.shape[0]} entries but x has {x.shape[0]} rows")
+        return init
+
+    @staticmethod
+    def _plate_size(x: Tensor | None, init: Tensor | None, size: int | None) -> int:
+        given = x if x is not None else init
+        if given is not None:
+            if size is not None and size != given.shape[0]:
+                raise ValueError(f"size={size} disagrees with the {given.shape[0]} rows given")
+            return given.shape[0]
+        if size is None:
+            raise ValueError("give the observations x, or size= (the number of rows to generate)")
+        return check_positive_int(size, "size")
+
+    def _dtype_probe(self) -> Tensor:
+        """An empty tensor with the model's dtype and device (for priors without data)."""
+        ref = next(iter(self.buffers()), None)
+        if ref is None:
+            ref = next(iter(self.parameters()), torch.zeros(()))
+        return ref.new_zeros(())
+
 
 class PhysVAEGuide(PyroModule):
-    """Base of the amortized encoder guides. Subclasses set ``setting``, ``x_event_dim`` and
+    """Base of the amortized encoder guides. Subclasses set ``setting``, ``x_event_dim``,
     ``aux_encoders`` (``{"z_A1": attribute name}``; each attribute maps ``x_b (B, *event)``
-    to ``(loc, scale)`` of shape ``(B, dim)``), and implement :meth:`unmix` and
+    to ``(loc, scale)`` of shape ``(B, dim)``) and, for a model with ``state_dims``,
+    ``state_encoders`` of the same form, and implement :meth:`unmix` and
     :meth:`physics_posterior`.
     """
 
     x_event_dim: int = 1
     setting: Setting
     aux_encoders: dict[str, str]
+    state_encoders: Mapping[str, str] = {}
 
     def unmix(self, x: Tensor, aux_locs: Mapping[str, Tensor]) -> Tensor:
-        """The physics-like signal ``(B, *event)`` from ``x`` and the auxiliary latents'
-        posterior means (means, as in the reference, so that the physics encoder does not
-        see their sampling noise)."""
+        """The physics-like signal ``(B, *event)`` from ``x`` and the posterior means of the
+        auxiliary and state latents, by site (means, as in the reference, so that the
+        physics encoder does not see their sampling noise)."""
         raise NotImplementedError
 
     def physics_posterior(self, signal: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -215,7 +260,7 @@ class PhysVAEGuide(PyroModule):
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
             x_b = x[idx]
             signal, locs = x_b, {}
-            for site, attr in self.aux_encoders.items():
+            for site, attr in {**self.state_encoders, **self.aux_encoders}.items():
                 loc, scale = getattr(self, attr)(x_b)
                 locs[site] = loc
                 out[site] = pyro.sample(site, dist.Normal(loc, scale).to_event(1))
