@@ -78,8 +78,8 @@ def integrate(
         ys = y0.unsqueeze(-2)
     else:
         try:
-            if method == "euler" and _is_uniform(t):
-                ys = _euler(rhs, y0, t, substeps)
+            if method in _TABLEAUS and _is_uniform(t):
+                ys = _fixed_grid(rhs, y0, t, substeps, method)
             elif method in FIXED_STEP_METHODS:
                 step = float(t[1] - t[0]) / substeps
                 ys = odeint(rhs, y0, t, method=method, options={"step_size": step}).movedim(0, -2)
@@ -102,18 +102,40 @@ def _is_uniform(t: Tensor) -> bool:
     return bool(torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-5, atol=0.0))
 
 
-def _euler(rhs: RightHandSide, y0: Tensor, t: Tensor, substeps: int) -> Tensor:
-    """Explicit Euler on the uniform grid ``t`` with ``substeps`` steps per interval, as
-    torchdiffeq's ``euler`` computes it, without its per-step interpolation bookkeeping,
-    which is a large share of the cost for the small right-hand sides of the zoo.
-    Returns ``(..., T, D)``."""
-    h = float(t[1] - t[0]) / substeps
-    times = (t[0] + h * torch.arange((t.numel() - 1) * substeps, device=t.device,
-                                     dtype=t.dtype)).unbind()
+#: Stages of the fixed-grid methods run by :func:`_fixed_grid`, as torchdiffeq defines them:
+#: ``(c_i, a_ij)`` for each stage and the weights ``b``.
+_TABLEAUS: dict[str, tuple[tuple[tuple[float, tuple[float, ...]], ...], tuple[float, ...]]] = {
+    "euler": (((0.0, ()),), (1.0,)),
+    "midpoint": (((0.0, ()), (0.5, (0.5,))), (0.0, 1.0)),
+    # torchdiffeq's "rk4" is the 3/8 rule.
+    "rk4": (((0.0, ()), (1 / 3, (1 / 3,)), (2 / 3, (-1 / 3, 1.0)), (1.0, (1.0, -1.0, 1.0))),
+            (0.125, 0.375, 0.375, 0.125)),
+}
+
+
+def _fixed_grid(rhs: RightHandSide, y0: Tensor, t: Tensor, substeps: int, method: str) -> Tensor:
+    """Explicit Runge-Kutta (``euler``, ``midpoint`` or ``rk4``) on the uniform grid ``t`` with
+    ``substeps`` steps per interval, as torchdiffeq computes it, without its per-step
+    interpolation bookkeeping, which is a large share of the cost for the small right-hand
+    sides of the zoo. Returns ``(..., T, D)``."""
+    stages, weights = _TABLEAUS[method]
+    # Each interval's own step, so that the solution lands on the given times exactly.
+    step = t.diff() / substeps
+    starts = t[:-1, None] + step[:, None] * torch.arange(substeps, device=t.device, dtype=t.dtype)
+    stage_times = [(starts + c * step[:, None]).flatten().unbind() for c, _ in stages]
     y, ys, i = y0, [y0], 0
-    for _ in range(t.numel() - 1):
+    for h in step.tolist():
         for _ in range(substeps):
-            y = y.add(rhs(times[i], y), alpha=h)
+            ks: list[Tensor] = []
+            for (_, a), times in zip(stages, stage_times, strict=True):
+                y_stage = y
+                for a_j, k_j in zip(a, ks, strict=False):
+                    if a_j:
+                        y_stage = y_stage.add(k_j, alpha=a_j * h)
+                ks.append(rhs(times[i], y_stage))
+            for b_j, k_j in zip(weights, ks, strict=True):
+                if b_j:
+                    y = y.add(k_j, alpha=b_j * h)
             i += 1
         ys.append(y)
     return torch.stack(ys, -2)

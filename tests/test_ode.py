@@ -187,9 +187,11 @@ def test_time_grid():
         time_grid(3, float("nan"))
 
 
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
 @pytest.mark.parametrize("substeps", [1, 3])
-def test_euler_fast_path_equals_torchdiffeq_euler(substeps):
-    """The native Euler loop computes what torchdiffeq's euler computes, values and gradients."""
+def test_native_fixed_grid_loop_equals_torchdiffeq(method, substeps):
+    """The native loops compute what torchdiffeq's solvers of the same name compute, values
+    and gradients."""
     from torchdiffeq import odeint
 
     w = torch.tensor([[-0.5, 1.0], [-1.0, -0.2]], requires_grad=True)
@@ -199,9 +201,9 @@ def test_euler_fast_path_equals_torchdiffeq_euler(substeps):
 
     y0 = torch.tensor([[1.0, 0.0], [0.5, -0.5]])
     t = torch.arange(8) * 0.1
-    ours = integrate(rhs, y0, t, method="euler", substeps=substeps)
+    ours = integrate(rhs, y0, t, method=method, substeps=substeps)
     (g_ours,) = torch.autograd.grad(ours.sum(), w)
-    ref = odeint(rhs, y0, t, method="euler", options={"step_size": 0.1 / substeps}).movedim(0, -2)
+    ref = odeint(rhs, y0, t, method=method, options={"step_size": 0.1 / substeps}).movedim(0, -2)
     (g_ref,) = torch.autograd.grad(ref.sum(), w)
     assert torch.allclose(ours, ref, atol=1e-6)
     assert torch.allclose(g_ours, g_ref, atol=1e-5)
