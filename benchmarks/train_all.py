@@ -2,7 +2,8 @@
 
     python benchmarks/train_all.py --system advdif --epochs 2000 --jobs 2 --out DIR
 
-Data are generated (seeded) into ``OUT/data`` when missing. Finished runs (``last.pt`` at the
+Data are generated (seeded) into ``OUT/data`` when missing, unless ``--data`` names a
+directory to train on (e.g. the real gait recordings, read in place). Finished runs (``last.pt`` at the
 final epoch) are kept; partial ones resume.
 """
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system", default="pendulum")
     p.add_argument("--out", default=None, help="default: benchmarks/<system>/out")
     p.add_argument("--epochs", type=int, default=None, help="default: the system's reference")
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--data", default=None, help="data directory (default: generated into OUT/data)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the system's reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="settings trained side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
@@ -57,13 +59,17 @@ def main(argv: list[str] | None = None) -> argparse.Namespace:
                    "pendulum results recorded before that default)")
     args = p.parse_args(argv)
     args.out = args.out or str(Path(__file__).parent / args.system / "out")
-    args.epochs = args.epochs or get_system(args.system).train_defaults["epochs"]
+    defaults = get_system(args.system).train_defaults
+    args.epochs = args.epochs or defaults["epochs"]
+    args.batch_size = args.batch_size or defaults["batch_size"]
     out = Path(args.out)
-    ensure_data(out / "data", args.seed, args.system)
+    data = Path(args.data) if args.data else out / "data"
+    if args.data is None:
+        ensure_data(data, args.seed, args.system)
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
               "threads": args.threads, "checkpoint_every": 100, "grad_scale": args.grad_scale}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(train_one, args.system, s, str(out / "data"), str(out), config)
+        futures = [pool.submit(train_one, args.system, s, str(data), str(out), config)
                    for s in args.settings]
         for f in futures:
             print("trained", f.result(), flush=True)

@@ -223,14 +223,17 @@ class PhysVAEGuide(PyroModule):
     """Base of the amortized encoder guides. Subclasses set ``setting``, ``x_event_dim``,
     ``aux_encoders`` (``{"z_A1": attribute name}``; each attribute maps ``x_b (B, *event)``
     to ``(loc, scale)`` of shape ``(B, dim)``) and, for a model with ``state_dims``,
-    ``state_encoders`` of the same form, and implement :meth:`unmix` and
-    :meth:`physics_posterior`.
+    ``state_encoders`` of the same form (the encoders read :meth:`features` of ``x_b``), and
+    implement :meth:`unmix` and :meth:`physics_posterior`.
     """
 
     x_event_dim: int = 1
     setting: Setting
     aux_encoders: dict[str, str]
     state_encoders: Mapping[str, str] = {}
+    #: In settings with physics and networks, the physics encoder reads the unmixed signal
+    #: (set ``False`` for a guide whose physics latents are all in ``state_encoders``).
+    unmixes: bool = True
 
     def unmix(self, x: Tensor, aux_locs: Mapping[str, Tensor]) -> Tensor:
         """The physics-like signal ``(B, *event)`` from ``x`` and the posterior means of the
@@ -241,6 +244,11 @@ class PhysVAEGuide(PyroModule):
     def physics_posterior(self, signal: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """``q(z_P | signal)``: ``{name: (loc, scale)}``, each ``(...)`` for ``(..., *event)``."""
         raise NotImplementedError
+
+    def features(self, x: Tensor) -> Tensor:
+        """What the latent encoders read: ``x (B, *event)`` itself by default; a guide with
+        one feature extractor shared by all encoders returns its features here."""
+        return x
 
     def physics_mean(self, x: Tensor) -> dict[str, Tensor]:
         """Posterior means of the physics parameters from a physics-only signal (R_DA,2)."""
@@ -259,13 +267,13 @@ class PhysVAEGuide(PyroModule):
         out: dict[str, Tensor] = {}
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
             x_b = x[idx]
-            signal, locs = x_b, {}
+            signal, locs, h = x_b, {}, self.features(x_b)
             for site, attr in {**self.state_encoders, **self.aux_encoders}.items():
-                loc, scale = getattr(self, attr)(x_b)
+                loc, scale = getattr(self, attr)(h)
                 locs[site] = loc
                 out[site] = pyro.sample(site, dist.Normal(loc, scale).to_event(1))
             if s.has_physics:
-                if s.has_nn:
+                if s.has_nn and self.unmixes:
                     signal = guide_deterministic("unmixed", self.unmix(x_b, locs),
                                                  event_dim=self.x_event_dim)
                 for name, (loc, scale) in self.physics_posterior(signal).items():

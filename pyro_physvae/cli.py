@@ -68,6 +68,11 @@ def cmd_import_reference(args: argparse.Namespace) -> None:
 
         def load(split: str):
             return load_reference_npy(args.source, split, dx=args.dx, dt=args.dt)
+    elif args.system == "locomotion":
+        from pyro_physvae.data.locomotion import read_split
+
+        def load(split: str):
+            return read_split(args.source, split)
     else:
         raise ValueError(f"no reference file format is known for the {args.system} system")
     for split in args.splits:
@@ -250,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     it = sub.add_parser("import-reference", aliases=["import-text"],
                         help="convert the reference implementation's data files to netCDF")
     it.add_argument("source", help="pendulum: data_<split>.txt and true_params_<split>.txt; "
-                    "advdif: data_<split>.npy, args_<split>.json and true_params_<split>.txt")
+                    "advdif: data_<split>.npy, args_<split>.json and true_params_<split>.txt; "
+                    "locomotion: <split>.npy or data_<split>.mat, and props_<split>.txt")
     it.add_argument("--system", choices=SYSTEMS, default="pendulum")
     it.add_argument("--out", required=True)
     it.add_argument("--splits", nargs="+", default=["train", "valid", "test"])

@@ -115,11 +115,47 @@ def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
                            "recon_mse": float((recon - x).pow(2).mean())}
     if "x_P" in draws:
         out["physics_only_mse"] = float((draws["x_P"].mean(0) - x).pow(2).mean())
+        out["physics_only_variance_explained"] = variance_explained(x, draws["x_P"].mean(0))
     lo, hi = central_interval(draws["x"], INTERVAL)
     out["predictive_coverage90"] = float(((x >= lo) & (x <= hi)).float().mean())
     for name in physics_names:
         if name in ds and name in draws:
             out[name] = parameter_metrics(draws[name], ds[name].values)
+    return out
+
+
+def variance_explained(x: Tensor, curve: Tensor) -> float:
+    """``1 - sum (x - curve)^2 / sum (x - mean)^2`` over all elements of ``x (N, *event)``,
+    the mean taken per channel (the dimension after the sequence one: each joint angle,
+    each grid point) over sequences and time; for ``(N, T)`` one overall mean."""
+    dims = (0, *range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True) if x.dim() > 2 else x.mean()
+    return float(1.0 - (x - curve).pow(2).sum() / (x - mean).pow(2).sum())
+
+
+def latent_correlations(draws: dict[str, Tensor], ds: xr.Dataset, covariates: tuple[str, ...],
+                        sites: tuple[str, ...]) -> dict[str, Any]:
+    """Pearson correlation of each dimension of each latent's posterior mean with each
+    per-sequence covariate in ``ds`` (e.g. walking speed). Returns ``{covariate: {"site[i]":
+    r}}`` plus, per covariate, the latent dimension with the largest ``|r|``."""
+    means: dict[str, np.ndarray] = {}
+    for site in sites:
+        if site in draws:
+            m = draws[site].mean(0).cpu().numpy()
+            m = m[:, None] if m.ndim == 1 else m.reshape(m.shape[0], -1)
+            for i in range(m.shape[1]):
+                means[f"{site}[{i}]"] = m[:, i]
+    out: dict[str, Any] = {}
+    for cov in covariates:
+        if cov not in ds or ds[cov].dims != ("sequence",):
+            continue
+        values = ds[cov].values.astype(float)
+        table = {k: (float(np.corrcoef(v, values)[0, 1]) if v.std() > 0 and values.std() > 0
+                     else math.nan) for k, v in means.items()}
+        finite = {k: r for k, r in table.items() if math.isfinite(r)}
+        best = max(finite, key=lambda k: abs(finite[k])) if finite else None
+        out[cov] = {"by_latent": table, "strongest": best,
+                    "strongest_r": finite[best] if best else math.nan}
     return out
 
 
@@ -149,6 +185,33 @@ def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], pa
     axes.flat[0].legend(fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel(f"time [{ds['time'].attrs.get('units', 's')}]")
+    return _save(fig, path)
+
+
+def plot_channel_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], path: Path,
+                                 n: int = 4) -> Path:
+    """Series with several channels ``(N, C, T)`` (e.g. joint angles): one row per sequence
+    (the first ``n``), one panel per channel, each with the data, the posterior-mean
+    reconstruction, its 90% posterior-predictive band and the physics-only part ``x_P``."""
+    n, channels = min(n, x.shape[0]), x.shape[1]
+    t = ds["cycle_percent"].values if "cycle_percent" in ds.coords else ds["time"].values
+    xlabel = "gait cycle [%]" if "cycle_percent" in ds.coords else "time"
+    lo, hi = central_interval(draws["x"], INTERVAL)
+    fig, axes = plt.subplots(n, channels, figsize=(3.4 * channels, 2.3 * n), squeeze=False)
+    for i in range(n):
+        for c in range(channels):
+            ax = axes[i, c]
+            ax.fill_between(t, lo[i, c].cpu(), hi[i, c].cpu(), color="C0", alpha=0.25,
+                            label="90% predictive")
+            ax.plot(t, draws["x_mean"][:, i, c].mean(0).cpu(), color="C0", label="reconstruction")
+            if "x_P" in draws:
+                ax.plot(t, draws["x_P"][:, i, c].mean(0).cpu(), "--", color="C2",
+                        label="physics only")
+            ax.plot(t, x[i, c].cpu(), ".", color="k", ms=2, label="data")
+            ax.set_title(f"sequence {int(ds['sequence'][i])}, channel {c}", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
     return _save(fig, path)
 
 
@@ -250,6 +313,11 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
                "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
                **compute_metrics(ds, x, draws, physics), "iwae_log_likelihood": _iwae_summary(iwae)}
+    if run.system.covariates:
+        metrics["latent_correlations"] = latent_correlations(
+            draws, ds, run.system.covariates, tuple(run.model.latent_sites))
+    if callable(getattr(run.model, "energy_drift", None)) and run.setting.has_physics:
+        metrics["energy"] = energy_report(run.model, draws)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
     plot_reconstructions(ds, x, draws, out / "reconstructions.png")
     for name in physics:
@@ -257,6 +325,22 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
             plot_parameter(ds[name].values, draws[name], name, out / f"{name}.png")
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def energy_report(model: PyroModule, draws: dict[str, Tensor]) -> dict[str, Any]:
+    """Conservation of a learnt energy along the physics-only trajectories of the
+    posterior-mean latents, with the model's own solver and step (``model.energy_drift``):
+    the relative drift over the window by its median, mean and maximum over sequences, and
+    the absolute drift."""
+    y0 = draws["y0"].mean(0)
+    z = draws["z_P"].mean(0) if "z_P" in draws else None
+    result = model.energy_drift(y0, z)
+    rel = result["relative"]
+    return {"solver": model.method, "step": model.dt / model.substeps,
+            "relative_drift_median": float(rel.median()), "relative_drift_mean": float(rel.mean()),
+            "relative_drift_max": float(rel.max()),
+            "absolute_drift_median": float(result["drift"].median()),
+            "energy0_std": float(result["energy"][:, 0].std())}
 
 
 def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",

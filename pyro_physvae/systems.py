@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,9 @@ class System:
     generate: Callable[..., dict[str, xr.Dataset]]
     model_kwargs_from_data: Callable[[xr.Dataset], dict[str, Any]]
     true_observations: Callable[[xr.Dataset, int], torch.Tensor] | None = None
+    read_split: Callable[[str | os.PathLike, str], xr.Dataset] | None = None
+    covariates: tuple[str, ...] = ()
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
     def build(self, setting: str | Setting, model_kwargs: dict | None = None,
               guide_kwargs: dict | None = None) -> tuple[PyroModule, PyroModule]:
@@ -100,7 +104,33 @@ def _advdif() -> System:
     )
 
 
-_FACTORIES: dict[str, Callable[[], System]] = {"pendulum": _pendulum, "advdif": _advdif}
+def _locomotion() -> System:
+    from pyro_physvae.data import locomotion as data
+    from pyro_physvae.guides.locomotion import LocomotionGuide
+    from pyro_physvae.models.locomotion import LocomotionModel
+
+    def generate(seed: int = 0, **sizes: int) -> dict[str, xr.Dataset]:
+        return data.generate(data.GaitDataConfig(**sizes), seed=seed)
+
+    def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
+        return {"n_joints": int(ds.sizes["joint"]), "n_steps": int(ds.sizes["time"]),
+                "dt": float(ds.attrs["dt"])}
+
+    return System(
+        name="locomotion",
+        model_cls=LocomotionModel,
+        guide_cls=LocomotionGuide,
+        reg_weights=(1e-1, 0.0, 0.0),  # the reference's R_ppc weight; no R_DA terms
+        train_defaults={"epochs": 3000, "batch_size": 100},
+        generate=generate,
+        model_kwargs_from_data=model_kwargs,
+        read_split=data.read_split,
+        covariates=("speed", "cadence", "stride", "step_width"),
+    )
+
+
+_FACTORIES: dict[str, Callable[[], System]] = {"pendulum": _pendulum, "advdif": _advdif,
+                                               "locomotion": _locomotion}
 SYSTEMS: tuple[str, ...] = tuple(_FACTORIES)
 
 

@@ -51,10 +51,19 @@ def load_dataset(path: str | os.PathLike, *, system: str | None = None) -> xr.Da
 
 
 def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = None) -> xr.Dataset:
-    """Load ``<data_dir>/<split>.nc``."""
+    """Load ``<data_dir>/<split>.nc``; where it does not exist, a system with its own
+    on-disk layout (``System.read_split``, e.g. the real gait recordings) reads the split
+    from ``data_dir`` in place."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    return load_dataset(Path(data_dir) / f"{split}.nc", system=system)
+    path = Path(data_dir) / f"{split}.nc"
+    if not path.exists() and system is not None:
+        from pyro_physvae.systems import get_system
+
+        reader = get_system(system).read_split
+        if reader is not None:
+            return reader(data_dir, split)
+    return load_dataset(path, system=system)
 
 
 def to_tensor(values: np.ndarray | xr.DataArray, device: torch.device | str = "cpu") -> torch.Tensor:
