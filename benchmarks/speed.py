@@ -1,11 +1,11 @@
-"""Training speed of a system's four settings, one at a time, at the reference batch size.
+"""Training speed of a system's settings, one at a time, at the reference batch size.
 
-    python benchmarks/speed.py --system pendulum [--epochs 40] [--threads 1]
+    python benchmarks/speed.py --system pendulum [--epochs 40] [--threads 1] [--settings ...]
 
-Trains each setting for a few epochs on the benchmark data (1000 training sequences, batch
-200, the model's default solver) with a fixed thread count and reports the median wall time per
-epoch, with and without validation, in ``benchmarks/<system>/out/speed.json``. Run it on an
-otherwise idle machine.
+Trains each setting for a few epochs on the benchmark data (generated, or ``--data``) at the
+system's reference batch size with the model's default solver, with a fixed thread count,
+and reports the median wall time per epoch, with and without validation, in
+``benchmarks/<system>/out/speed.json``. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_all import ensure_data  # noqa: E402
 
 from pyro_physvae.settings import SETTINGS  # noqa: E402
+from pyro_physvae.systems import get_system  # noqa: E402
 from pyro_physvae.train import TrainConfig, train  # noqa: E402
 
 
@@ -34,14 +35,19 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="default: benchmarks/<system>/out")
+    p.add_argument("--data", default=None, help="data directory (default: generated into OUT/data)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     args = p.parse_args()
     out = Path(args.out or Path(__file__).parent / args.system / "out")
-    ensure_data(out / "data", seed=0, system=args.system)
+    data = Path(args.data) if args.data else out / "data"
+    if args.data is None:
+        ensure_data(data, seed=0, system=args.system)
+    batch_size = get_system(args.system).train_defaults["batch_size"]
     rows = {}
-    for setting in SETTINGS:
+    for setting in args.settings:
         with tempfile.TemporaryDirectory() as tmp:
-            h = train(args.system, setting, out / "data", tmp,
-                      TrainConfig(epochs=args.epochs, batch_size=200, threads=args.threads,
+            h = train(args.system, setting, data, tmp,
+                      TrainConfig(epochs=args.epochs, batch_size=batch_size, threads=args.threads,
                                   checkpoint_every=args.epochs), progress=False)
         skip = min(5, args.epochs - 1)  # warm-up epochs
         rows[setting] = {"s_per_epoch": float(np.median([r["time_epoch"] for r in h[skip:]])),
