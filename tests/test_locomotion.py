@@ -291,3 +291,15 @@ def test_cli_generate_train_evaluate_and_import(tmp_path, capsys):
     assert main(["import-reference", str(src), "--system", "locomotion", "--out", str(tmp_path / "nc"),
                  "--splits", "train"]) == 0
     assert load_split(tmp_path / "nc", "train")["speed"].values.tolist() == [1.2, 0.8]
+
+
+def test_locomotion_example_runs_on_a_synthetic_stand_in(tmp_path):
+    import runpy
+
+    path = Path(__file__).parents[1] / "examples" / "locomotion_energy.py"
+    module = runpy.run_path(str(path))
+    m = module["main"](["--data", str(tmp_path / "none"), "--epochs", "1", "--synthetic-size", "16",
+                        "--out", str(tmp_path / "ex")])
+    assert m["split"] == "valid" and np.isfinite(m["recon_mse"])
+    assert {"speed", "cadence"} <= set(m["latent_correlations"]) and m["energy"]["relative_drift_max"] >= 0
+    assert (tmp_path / "ex" / "eval-valid" / "reconstructions.png").is_file()
