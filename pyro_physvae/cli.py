@@ -73,10 +73,26 @@ def cmd_import_reference(args: argparse.Namespace) -> None:
 
         def load(split: str):
             return read_split(args.source, split)
+    elif args.system == "galaxy":
+        from pyro_physvae.data.galaxy import load_galaxy10
+
+        load = load_galaxy10(args.source).__getitem__  # the paper's class and split sizes
     else:
         raise ValueError(f"no reference file format is known for the {args.system} system")
     for split in args.splits:
         print(f"wrote {save_dataset(load(split), Path(args.out) / f'{split}.nc')}")
+
+
+def cmd_import_galaxy10(args: argparse.Namespace) -> None:
+    from pyro_physvae.data.galaxy import load_galaxy10
+    from pyro_physvae.data.io import save_dataset
+
+    splits = load_galaxy10(args.source, class_label=args.class_label, n_train=args.n_train,
+                           n_valid=args.n_valid, n_test=args.n_test, seed=args.seed,
+                           image_size=args.image_size)
+    for split, ds in splits.items():
+        path = save_dataset(ds, Path(args.out) / f"{split}.nc")
+        print(f"wrote {path} ({ds.sizes['sequence']} images of class {args.class_label})")
 
 
 def _train_config(args: argparse.Namespace, defaults: dict):
@@ -112,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     metrics = evaluate(args.run, args.data, split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device,
-                       guide_steps=args.guide_steps)
+                       guide_steps=args.guide_steps, checkpoint=args.checkpoint)
     print(json.dumps(metrics, indent=2))
 
 
@@ -266,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="advdif grid spacing (default: from args_<split>.json)")
     it.set_defaults(func=cmd_import_reference)
 
+    gx = sub.add_parser("import-galaxy10", help="select one class of the Galaxy10 HDF5 file, "
+                        "scale it to [0, 1] and split it reproducibly (train/valid/test .nc)")
+    gx.add_argument("source", help="Galaxy10.h5 with the keys 'images' (N, S, S, 3) and 'ans' (N,)")
+    gx.add_argument("--out", required=True, help="output directory")
+    gx.add_argument("--class", dest="class_label", type=int, default=6,
+                    help="class to keep (default 6: disk, edge-on, no bulge)")
+    gx.add_argument("--n-train", type=_positive_int, default=400)
+    gx.add_argument("--n-valid", type=_positive_int, default=100)
+    gx.add_argument("--n-test", type=_positive_int, default=None, help="default: all the rest")
+    gx.add_argument("--seed", type=int, default=0, help="seed of the split's permutation")
+    gx.add_argument("--image-size", type=_positive_int, default=None,
+                    help="resample the images to this size (default: keep)")
+    gx.set_defaults(func=cmd_import_galaxy10)
+
     t = sub.add_parser("train", help="train a model/guide pair with SVI")
     t.add_argument("--system", choices=SYSTEMS, default="pendulum")
     t.add_argument("--setting", choices=SETTINGS, default="phys+nn+reg")
@@ -303,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics and figures of a run on a split")
     _add_run_arguments(e)
     e.add_argument("--samples", type=_positive_int, default=100)
+    e.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"],
+                   help="the best-validation checkpoint or the last one")
     e.add_argument("--out", default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--guide-steps", type=_positive_int, default=1000,

@@ -281,7 +281,8 @@ def test_cli_generate_train_evaluate_and_import(tmp_path, capsys):
                  "--n-valid", "4", "--n-test", "4", "--n-steps", "11"]) == 0
     assert main(["train", "--system", "locomotion", "--setting", "nn-only", "--data", str(d),
                  "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet", "--threads", "1"]) == 0
-    assert main(["evaluate", str(tmp_path / "run"), "--samples", "2", "--out", str(tmp_path / "ev")]) == 0
+    assert main(["evaluate", str(tmp_path / "run"), "--samples", "2", "--out", str(tmp_path / "ev"),
+                 "--checkpoint", "last.pt"]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["system"] == "locomotion" and "energy" not in metrics
     src = tmp_path / "raw"
