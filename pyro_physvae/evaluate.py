@@ -163,9 +163,16 @@ def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], pa
                          n: int = 9) -> Path:
     """Data, posterior-mean reconstruction, 90% posterior-predictive band and, where the
     model has physics, the physics-only curve, for the first ``n`` sequences. Space-time
-    fields ``(N, X, T)`` are drawn as images by :func:`plot_field_reconstructions`."""
+    fields ``(N, X, T)`` are drawn as images by :func:`plot_field_reconstructions`, several
+    channels over time ``(N, C, T)`` by :func:`plot_channel_reconstructions`."""
+    if x.dim() == 4:  # images (N, bands, rows, cols)
+        from pyro_physvae.images import plot_image_reconstructions
+
+        return plot_image_reconstructions(ds, x, draws, path, n=min(n, 6))
     if x.dim() == 3:
-        return plot_field_reconstructions(ds, x, draws, path, n=min(n, 3))
+        if ds["x"].dims[1] == "space":
+            return plot_field_reconstructions(ds, x, draws, path, n=min(n, 3))
+        return plot_channel_reconstructions(ds, x, draws, path, n=min(n, 4))
     t = ds["time"].values
     n = min(n, x.shape[0])
     cols = min(3, n)
@@ -307,6 +314,12 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     ds = run.load(split, data_dir)
     x = run.system.observations(ds, device)
     guide = run.guide_for(x, steps=guide_steps, seed=seed)
+    if x.dim() == 4:  # images (N, bands, rows, cols): streamed summaries, image figures, traversals
+        from pyro_physvae.images import evaluate_images
+
+        out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
+        return evaluate_images(run, guide, ds, x, out, split=split, num_samples=num_samples,
+                               iwae_particles=iwae_particles, seed=seed)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
     iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)

@@ -177,3 +177,161 @@ def frozen_parameters(*modules: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for k, p in params.items():
             p.requires_grad_(before[k])
+
+
+# -- image networks ------------------------------------------------------------------------------
+def _as_image_batch(x: Tensor, event_dim: int = 3) -> tuple[Tensor, torch.Size]:
+    """Flatten the leading dims of ``(..., C, H, W)`` into one batch dim for ``conv2d``;
+    returns the batch and the leading shape to restore."""
+    lead = x.shape[:-event_dim]
+    return x.reshape(-1, *x.shape[-event_dim:]), lead
+
+
+def _groups(channels: int, max_groups: int = 8) -> int:
+    """The largest divisor of ``channels`` up to ``max_groups`` (GroupNorm groups)."""
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+
+
+def conv_block(c_in: int, c_out: int, kernel_size: int = 3, activation: str = "relu",
+               n_convs: int = 1) -> nn.Module:
+    """``n_convs`` x (conv with "same" padding, GroupNorm, activation) as a PyroModule.
+
+    GroupNorm rather than the reference's BatchNorm: it normalises each image on its own, so
+    that the density of one image does not depend on the other images of its minibatch and the
+    networks behave the same in training and evaluation.
+    """
+    acts = {"relu": lambda: PyroModule[nn.ReLU](), "leaky_relu": lambda: PyroModule[nn.LeakyReLU](0.2)}
+    if activation not in acts:
+        raise ValueError(f"unknown activation {activation!r}; choose from {list(acts)}")
+    layers: list[nn.Module] = []
+    for i in range(n_convs):
+        c = c_in if i == 0 else c_out
+        layers += [PyroModule[nn.Conv2d](c, c_out, kernel_size, padding=kernel_size // 2),
+                   PyroModule[nn.GroupNorm](_groups(c_out), c_out), acts[activation]()]
+    return PyroModule[nn.Sequential](*layers)
+
+
+class ConvFeatures(PyroModule):
+    """CNN feature extractor: images ``(..., C, H, W)`` -> features ``(..., out_features)``.
+
+    One stage per entry of ``channels``: a ``kernel_size`` convolution, GroupNorm, LeakyReLU and
+    2x2 max pooling (the reference's galaxy encoder: 16-32-64-128 channels, 5x5 kernels,
+    69 -> 34 -> 17 -> 8 -> 4 pixels), then a linear map of the flattened last stage.
+
+    Args:
+        in_channels: bands C of the input.
+        image_size: height and width of the input (square images).
+        channels: output channels of each stage.
+        out_features: size of the feature vector.
+        kernel_size: odd kernel size of the convolutions.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, channels: Sequence[int] = (16, 32, 64, 128),
+                 out_features: int = 512, kernel_size: int = 5) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("ConvFeatures needs at least one stage")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        size = int(image_size)
+        stages: list[nn.Module] = []
+        for c_in, c_out in zip((in_channels, *channels[:-1]), channels, strict=True):
+            if size < 2:
+                raise ValueError(f"images of {image_size} pixels are too small for {len(channels)} "
+                                 "pooling stages")
+            stages += [conv_block(c_in, c_out, kernel_size, "leaky_relu"), PyroModule[nn.MaxPool2d](2)]
+            size //= 2
+        self.in_channels, self.image_size = int(in_channels), int(image_size)
+        self.convs = PyroModule[nn.Sequential](*stages)
+        self.linear = PyroModule[nn.Linear](channels[-1] * size * size, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-3:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"expected images (..., {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got shape {tuple(x.shape)}")
+        flat, lead = _as_image_batch(x)
+        h = self.convs(flat).flatten(1)
+        return self.linear(h).reshape(*lead, -1)
+
+
+class UNet(PyroModule):
+    """A U-Net: images ``(..., C_in, H, W)`` -> ``(..., C_out, H, W)`` for any ``H, W``.
+
+    ``depth`` pooling levels with two 3x3 convolutions (GroupNorm, ReLU) each, widths
+    ``width * 2**level``, bilinear upsampling and skip connections, and a 1x1 output
+    convolution. Inputs are zero-padded to a multiple of ``2**depth`` and the output is cropped
+    back, so odd sizes such as 69 work. ``zero_last`` starts the network as the zero map (for
+    residual refinements).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 8, depth: int = 3,
+                 zero_last: bool = False) -> None:
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ValueError(f"UNet needs depth >= 1 and width >= 1, got {depth}, {width}")
+        widths = [width * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.down = PyroModule[nn.ModuleList](
+            [conv_block(c_in, c_out, n_convs=2) for c_in, c_out in zip((in_channels, *widths[:-1]), widths,
+                                                                         strict=True)])
+        self.up = PyroModule[nn.ModuleList](
+            [conv_block(widths[i + 1] + widths[i], widths[i], n_convs=2) for i in reversed(range(depth))])
+        self.last = PyroModule[nn.Conv2d](widths[0], out_channels, 1)
+        if zero_last:
+            nn.init.zeros_(self.last.weight)
+            nn.init.zeros_(self.last.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat, lead = _as_image_batch(x)
+        h, w = flat.shape[-2:]
+        m = 2**self.depth
+        ph, pw = (-h) % m, (-w) % m
+        y = F.pad(flat, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        skips = []
+        for i, block in enumerate(self.down):
+            y = block(y)
+            if i < self.depth:
+                skips.append(y)
+                y = F.max_pool2d(y, 2)
+        for block in self.up:
+            skip = skips.pop()
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat((y, skip), 1))
+        y = self.last(y)[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+        return y.reshape(*lead, *y.shape[1:])
+
+
+class ConvDecoder(PyroModule):
+    """A vector ``(..., in_features)`` -> an image ``(..., out_channels, H, W)``.
+
+    An MLP maps the vector to ``channels[0]`` maps of ``s0 x s0`` pixels, ``s0 = ceil(H /
+    2**n)`` for ``n = len(channels) - 1``; each further stage doubles the size (nearest
+    upsampling, 3x3 convolution, GroupNorm, ReLU), a last 3x3 convolution gives the output
+    channels, and the centre ``H x W`` is kept. (Upsampling plus convolution instead of the
+    reference's transposed convolutions: no checkerboard artefacts, and any output size.)
+    """
+
+    def __init__(self, in_features: int, image_size: int, out_channels: int,
+                 channels: Sequence[int] = (64, 32, 16, 8), hidden: Sequence[int] = (32, 64),
+                 activation: str = "elu") -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("ConvDecoder needs at least one stage")
+        n_up = len(channels) - 1
+        self.image_size = int(image_size)
+        self.start = -(-self.image_size // 2**n_up)
+        self.channels = tuple(channels)
+        self.mlp = MLP(in_features, hidden, channels[0] * self.start**2, activation, final_activation=True)
+        self.ups = PyroModule[nn.ModuleList](
+            [conv_block(c_in, c_out) for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)])
+        self.last = PyroModule[nn.Conv2d](channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        lead = z.shape[:-1]
+        y = self.mlp(z.reshape(-1, z.shape[-1])).reshape(-1, self.channels[0], self.start, self.start)
+        for block in self.ups:
+            y = block(F.interpolate(y, scale_factor=2, mode="nearest"))
+        y = self.last(y)
+        off = (y.shape[-1] - self.image_size) // 2
+        y = y[..., off:off + self.image_size, off:off + self.image_size]
+        return y.reshape(*lead, *y.shape[1:])

@@ -143,14 +143,19 @@ class PhysicsAugmentation:
     guide's physics-encoder mean on that data, ``sum_k (encoder_k(x_sim) - z_k)^2``.
 
     The model must offer ``simulate_augmentation(init) -> (truth: dict, x_sim)`` and the
-    guide ``physics_mean(x) -> dict`` with the same keys.
+    guide ``physics_mean(x) -> dict`` with the same keys. A model that reads no initial state
+    (``init_event_dim = None``, e.g. static physics such as a galaxy renderer) records no
+    ``init`` site; it is called as ``simulate_augmentation(None, B)`` for the batch size ``B``
+    of its ``x_mean`` site. A physics parameter with a ``period`` (an angle that the physics
+    sees modulo ``period``) has its error wrapped into ``[-period / 2, period / 2]``.
     """
 
     weight: float
     name: str = "augment"
 
     def __call__(self, model: Any, guide: Any, sites: Mapping[str, Tensor]) -> Tensor:
-        _require(sites, ("init",), "R_DA,2")
+        static = getattr(model, "init_event_dim", 0) is None
+        _require(sites, ("x_mean",) if static else ("init",), "R_DA,2")
         for obj, method in ((model, "simulate_augmentation"), (guide, "physics_mean")):
             if not callable(getattr(obj, method, None)):
                 raise TypeError(
@@ -158,9 +163,22 @@ class PhysicsAugmentation:
                     "amortized Phys-VAE guide, not an AutoGuide"
                 )
         with torch.no_grad():
-            truth, x_sim = model.simulate_augmentation(sites["init"])
+            if static:
+                batch = sites["x_mean"].shape[-(getattr(model, "x_event_dim", 1) + 1)]
+                truth, x_sim = model.simulate_augmentation(None, batch)
+            else:
+                truth, x_sim = model.simulate_augmentation(sites["init"])
         estimate = guide.physics_mean(x_sim)
-        return sum((estimate[k] - truth[k]).pow(2) for k in truth)
+        periods = {p.name: getattr(p, "period", None) for p in getattr(model, "physics_parameters", ())}
+        return sum(wrapped_error(estimate[k] - truth[k], periods.get(k)).pow(2) for k in truth)
+
+
+def wrapped_error(error: Tensor, period: float | None) -> Tensor:
+    """``error`` itself, or for an angle with ``period`` its representative in
+    ``[-period / 2, period / 2]``."""
+    if period is None:
+        return error
+    return torch.remainder(error + 0.5 * period, period) - 0.5 * period
 
 
 class PhysVAELoss(ELBO):

@@ -341,13 +341,18 @@ def train(
         guide.train()
         # Guides that pack all sequences' latents into one vector need them in a fixed order.
         perm = torch.randperm(n, device=device) if batch_size < n else torch.arange(n, device=device)
+        # A system's augmentation (e.g. flipped and rotated images) gives each epoch a fresh,
+        # seeded copy of the training data; AutoGuides' per-sequence latents need the originals.
+        x_epoch = x_train
+        if system.augment is not None and config.guide == "amortized":
+            x_epoch = system.augment(x_train, torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
         total, terms = 0.0, {}
         try:
             for i in range(0, n, batch_size):
                 batch = perm[i:i + batch_size]
                 # Each step's loss estimates the full-data loss; weight it by batch share.
                 share = batch.shape[0] / n
-                total += share * trainer.step(x_train, subsample=batch)
+                total += share * trainer.step(x_epoch, subsample=batch)
                 for k, v in getattr(loss, "last_terms", {}).items():
                     terms[k] = terms.get(k, 0.0) + share * v
             t_train = time.perf_counter() - t0

@@ -141,7 +141,7 @@ def test_make_dataset_checks():
 
 
 def test_system_registry():
-    assert SYSTEMS == ("pendulum", "advdif")
+    assert SYSTEMS == ("pendulum", "advdif", "locomotion", "galaxy")
     advdif = get_system("advdif")
     model, _ = advdif.build("phys+nn", {"n_grid": 6, "n_steps": 4})
     assert [p.name for p in model.physics_parameters] == ["diffusion"] and model.x_event_dim == 2
