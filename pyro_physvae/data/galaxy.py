@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import Tensor
 
-from pyro_physvae.data.io import SPLITS
+from pyro_physvae.data.io import generate_splits
 from pyro_physvae.validation import check_positive_int
 
 SYSTEM = "galaxy"
@@ -264,12 +264,7 @@ def generate_split(n: int, config: GalaxyDataConfig, generator: torch.Generator,
 
 def generate(config: GalaxyDataConfig = GalaxyDataConfig(), seed: int = 0) -> dict[str, xr.Dataset]:
     """All three splits, reproducible from ``seed``."""
-    g = torch.Generator().manual_seed(int(seed))
-    sizes = {"train": config.n_train, "valid": config.n_valid, "test": config.n_test}
-    out = {split: generate_split(sizes[split], config, g, split) for split in SPLITS}
-    for ds in out.values():
-        ds.attrs.update({"seed": int(seed), **{f"config_{k}": str(v) for k, v in asdict(config).items()}})
-    return out
+    return generate_splits(config, seed, generate_split)
 
 
 def make_dataset(x: np.ndarray, params: dict[str, np.ndarray] | None = None, *, split: str = "",
