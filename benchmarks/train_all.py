@@ -33,11 +33,12 @@ def finished(run_dir: Path, epochs: int) -> bool:
     return last.is_file() and load_checkpoint(last)["epoch"] >= epochs
 
 
-def train_one(system: str, setting: str, data_dir: str, out: str, config: dict) -> str:
+def train_one(system: str, setting: str, data_dir: str, out: str, config: dict,
+              model_kwargs: dict | None = None) -> str:
     run_dir = Path(out) / setting
     cfg = TrainConfig(**config)
     if not finished(run_dir, cfg.epochs):
-        train(system, setting, data_dir, run_dir, cfg,
+        train(system, setting, data_dir, run_dir, cfg, model_kwargs=model_kwargs,
               resume=(run_dir / "last.pt").is_file(), progress=False)
     return setting
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="settings trained side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training job")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--solver", default=None, help="ODE solver (default: the model's)")
+    p.add_argument("--substeps", type=int, default=None,
+                   help="solver steps per interval (default: the model's)")
     p.add_argument("--grad-scale", type=float, default=None,
                    help="gradient factor (default: the reference loss scale; 1 reproduces the "
                    "pendulum results recorded before that default)")
@@ -69,7 +73,9 @@ def main(argv: list[str] | None = None) -> argparse.Namespace:
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
               "threads": args.threads, "checkpoint_every": 100, "grad_scale": args.grad_scale}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(train_one, args.system, s, str(data), str(out), config)
+        model_kwargs = {k: v for k, v in (("method", args.solver), ("substeps", args.substeps))
+                        if v is not None}
+        futures = [pool.submit(train_one, args.system, s, str(data), str(out), config, model_kwargs)
                    for s in args.settings]
         for f in futures:
             print("trained", f.result(), flush=True)
