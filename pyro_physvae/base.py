@@ -43,8 +43,9 @@ class PhysVAEModel(PyroModule):
 
     * ``setting`` (:class:`Setting`), ``n_steps`` (length of the time axis, last in ``x``);
     * ``aux_dims``: ``{"z_A1": dim, ...}`` for the settings with networks (empty otherwise);
-    * ``state_dims``: ``{"y0": dim}`` for latents of the physical state present in every
-      setting, such as an initial state that the data do not show (default: none);
+    * ``state_dims``: ``{"y0": dim, ...}`` for other latents with standard Normal priors,
+      such as an initial state that the data do not show or the code of a learnt energy,
+      for the settings that have them (default: none);
     * ``physics_parameters``: the physics latents, as a property (empty for ``nn-only``);
 
     and implement :meth:`decode_sites`; ``_setup_time_and_solver`` and ``_setup_noise`` set
