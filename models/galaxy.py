@@ -8,8 +8,8 @@ The physics image is one band; ``x_P`` repeats it in the three bands.
 
 Around it (settings with networks), as in the paper: a neural image decoded from
 ``(I0, A, e, z_A2)`` and a U-Net that refines the physics image given the neural image into the
-three-band mean ``x_mean = x_PB`` in ``[0, 1]``. Two choices of this implementation, both so
-that ``theta`` keeps its meaning of a rotation:
+three-band mean ``x_mean = x_PB`` in ``[0, 1]``. Three choices of this implementation, the
+first two so that ``theta`` keeps its meaning of a rotation:
 
 * the neural image is decoded in the galaxy's own frame (major axis along ``+x``) and rotated
   by ``theta``, so the neural structure (dust lane, bulge, colour gradients) turns with the
@@ -19,6 +19,9 @@ that ``theta`` keeps its meaning of a rotation:
   untrained refiner returns the physics image and R_ppc measures a departure from it. (A
   refinement in logit space, ``sigmoid(logit(x_P) + U)``, learnt next to nothing where the
   physics image is dark: the sigmoid's slope there is ~1e-3.)
+* the neural image has three bands (the reference's has one), so that a galaxy's colour, which
+  the one-band physics cannot carry, reaches the refiner (benchmark: with one band the
+  reconstructions all came out in one average colour).
 
 ``nn-only``: a convolutional decoder of ``z_A2`` (4 more dimensions, as in the reference) with a
 sigmoid. ``phys-only``: ``x_mean = x_P``.
@@ -124,6 +127,7 @@ class GalaxyModel(PhysVAEModel):
         unet_width, unet_depth: the refiner's first width and pooling levels (the reference:
             8 and 3).
         neural_channels, neural_hidden: stages of the neural-image decoder and its MLP.
+        neural_bands: bands of the neural image (the reference: 1).
         nn_channels, nn_hidden: the same for the ``nn-only`` decoder.
         x_lnvar, learn_noise: log variance of the observation noise; learn it instead.
         ranges: other prior ranges by name, e.g. ``{"A": (0.1, 1.5)}``.
@@ -142,6 +146,7 @@ class GalaxyModel(PhysVAEModel):
         unet_depth: int = 3,
         neural_channels: Sequence[int] = (32, 16, 8, 4),
         neural_hidden: Sequence[int] = (32, 64),
+        neural_bands: int = 3,
         nn_channels: Sequence[int] = (128, 64, 32, 16),
         nn_hidden: Sequence[int] = (64, 128),
         x_lnvar: float = X_LNVAR,
@@ -167,9 +172,9 @@ class GalaxyModel(PhysVAEModel):
             self.decoder = ConvDecoder(self.dim_z_aux2, self.image_size, 3, nn_channels, nn_hidden,
                                        activation)
         elif s.has_nn:
-            self.neural = ConvDecoder(3 + self.dim_z_aux2, self.image_size, 1, neural_channels,
+            self.neural = ConvDecoder(3 + self.dim_z_aux2, self.image_size, neural_bands, neural_channels,
                                       neural_hidden, activation)
-            self.refiner = UNet(2, 3, unet_width, unet_depth, zero_last=True)
+            self.refiner = UNet(1 + neural_bands, 3, unet_width, unet_depth, zero_last=True)
 
     # -- configuration -------------------------------------------------------------------
     @property
@@ -190,7 +195,7 @@ class GalaxyModel(PhysVAEModel):
         return img.unsqueeze(-3)
 
     def neural_image(self, params: Mapping[str, Tensor], z_aux2: Tensor | None, clamp: bool = True) -> Tensor:
-        """The neural band ``(..., 1, S, S)``: decoded from ``(I0, A, e)`` (scaled to their
+        """The neural image ``(..., neural_bands, S, S)``: decoded from ``(I0, A, e)`` (scaled to their
         prior ranges) and ``z_A2 (..., dim)`` in the galaxy frame, rotated by ``theta``."""
         p = {q.name: q.clamp(params[q.name]) if clamp else params[q.name] for q in self._physics}
         feats = [(p[q.name] - q.prior_loc) / (q.high - q.low) for q in self._physics if q.period is None]
