@@ -20,8 +20,9 @@ first two so that ``theta`` keeps its meaning of a rotation:
   refinement in logit space, ``sigmoid(logit(x_P) + U)``, learnt next to nothing where the
   physics image is dark: the sigmoid's slope there is ~1e-3.)
 * the neural image has three bands (the reference's has one), so that a galaxy's colour, which
-  the one-band physics cannot carry, reaches the refiner (benchmark: with one band the
-  reconstructions all came out in one average colour).
+  the one-band physics cannot carry, reaches the refiner (benchmark, test MSE against
+  nn-only's: 1.36x with one band, whose reconstructions all came out in one average colour;
+  1.145x with three, ``benchmarks/RESULTS.md``).
 
 ``nn-only``: a convolutional decoder of ``z_A2`` (4 more dimensions, as in the reference) with a
 sigmoid. ``phys-only``: ``x_mean = x_P``.
