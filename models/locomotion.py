@@ -67,12 +67,12 @@ class LocomotionModel(PhysVAEModel):
         activation: of both networks.
         x_lnvar: log variance of the observation noise (default: the reference objective).
         learn_noise: learn ``x_lnvar`` instead of fixing it.
-        method, substeps: ODE solver and sub-steps per dt. The default, the explicit
-            midpoint rule, costs twice Euler; Euler does not conserve the energy at all (it
-            drifts by more than the spread of energies between recordings). On the benchmark
-            run the learnt energy drifts by 1.6% (median) over a cycle with the midpoint rule,
-            0.28% with two midpoint sub-steps and 0.09% with ``rk4``
-            (``benchmarks/locomotion/results/energy_by_solver.log``).
+        method, substeps: ODE solver and sub-steps per dt. The default, ``rk4`` (four
+            right-hand sides per step, each with a double backward in training), keeps the
+            learnt energy's drift over a cycle at 0.075% (median) on the benchmark run; a
+            run trained with the explicit midpoint rule, at half the cost, drifted by 1.6%,
+            and Euler does not conserve the energy at all (it drifts by more than the spread
+            of energies between recordings) (``benchmarks/RESULTS.md``).
         rtol, atol: tolerances of adaptive solvers.
     """
 
@@ -95,7 +95,7 @@ class LocomotionModel(PhysVAEModel):
         activation: str = "elu",
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
-        method: str = "midpoint",
+        method: str = "rk4",
         substeps: int = 1,
         rtol: float = 1e-5,
         atol: float = 1e-6,

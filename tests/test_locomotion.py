@@ -256,7 +256,7 @@ def test_evaluation_reports_latent_correlations_energy_and_physics_share(tiny_ru
     assert set(by_latent) == {f"y0[{i}]" for i in range(6)} | {"z_P[0]", "z_P[1]"} | {
         f"z_A2[{i}]" for i in range(3)}
     assert all(-1 <= r <= 1 for r in by_latent.values())
-    assert m["energy"]["solver"] == "midpoint" and m["energy"]["relative_drift_max"] >= 0
+    assert m["energy"]["solver"] == "rk4" and m["energy"]["relative_drift_max"] >= 0
     assert m["physics_only_variance_explained"] <= 1
     assert (root / "run" / "eval-test" / "reconstructions.png").stat().st_size > 5000
 
