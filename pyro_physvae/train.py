@@ -236,6 +236,17 @@ class SVITrainer:
         return value, rec.values.get("x_mean")
 
 
+def make_trainer(system: System, setting: Setting, model: torch.nn.Module, guide: Callable,
+                 config: TrainConfig, n_train: int) -> SVITrainer:
+    """The trainer :func:`train` uses: the loss of ``config`` (:func:`make_loss`) and its
+    gradient scale (``config.grad_scale``, or the reference loss scale for ``n_train``
+    training sequences). Its optimiser is created by ``init_optimizer`` or the first step."""
+    loss = make_loss(setting, system, config, model)
+    grad_scale = (config.grad_scale if config.grad_scale is not None
+                  else reference_grad_scale(model, n_train))
+    return SVITrainer(model, guide, loss, config, grad_scale)
+
+
 def module_parameters(*modules: torch.nn.Module) -> list[Tensor]:
     """Parameters of the modules in a fixed order, each once."""
     seen: dict[int, Tensor] = {}
@@ -303,9 +314,8 @@ def train(
     batch_size = config.batch_size if supports_subsampling(guide) else n
     # An AutoGuide has latents for the training sequences only: it is validated on them.
     x_check = x_valid if config.guide == "amortized" else x_train
-    loss = make_loss(setting, system, config, model)
-    grad_scale = config.grad_scale if config.grad_scale is not None else reference_grad_scale(model, n)
-    trainer = SVITrainer(model, guide, loss, config, grad_scale)
+    trainer = make_trainer(system, setting, model, guide, config, n)
+    loss = trainer.loss
     if config.guide != "amortized":
         with torch.no_grad():
             guide(x_train, subsample=torch.arange(min(batch_size, n), device=device))  # create its parameters

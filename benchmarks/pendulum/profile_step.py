@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from pyro_physvae.data.io import load_split
 from pyro_physvae.settings import Setting
 from pyro_physvae.systems import get_system
-from pyro_physvae.train import SVITrainer, TrainConfig, make_loss, module_parameters, reference_grad_scale
+from pyro_physvae.train import TrainConfig, make_trainer, module_parameters
 
 HERE = Path(__file__).parent
 
@@ -38,10 +38,7 @@ def main() -> None:
     ds = load_split(args.data, "train", system="pendulum")
     x = system.observations(ds)
     model, guide = system.build(setting, system.model_kwargs_from_data(ds), {})
-    config = TrainConfig()
-    trainer = SVITrainer(model, guide, make_loss(setting, system, config, model), config,
-                         reference_grad_scale(model, x.shape[0]))
-    guide(x, subsample=torch.arange(200))
+    trainer = make_trainer(system, setting, model, guide, TrainConfig(), x.shape[0])
     trainer.init_optimizer(module_parameters(model, guide))
     batches = [torch.randperm(x.shape[0])[:200] for _ in range(60 + args.steps)]
     for b in batches[:10]:
