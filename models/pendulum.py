@@ -48,10 +48,15 @@ OMEGA = PhysicalParameter(
 _CONSTANT_MAPS = {
     "vel_to_pos4": [[0.0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]],  # d(theta)/dt
     "pos_to_accel4": [[0.0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]],  # theta slots
-    "select_pa": [[0.0, 1, 0, 0], [0, 0, 0, 1]],  # net input (theta_PA, dtheta_PA)
     "into_accel_pa": [[0.0], [0], [0], [1]],  # net output -> d(dtheta_PA)/dt
     "vel_to_pos2": [[0.0, 1], [0, 0]],
     "into_accel2": [[0.0], [1]],
+}
+#: Rows that select what the in-ODE net reads, from the stacked state of phys+nn and from
+#: the state (theta, dtheta) of nn-only.
+_NET_INPUT_ROWS = {
+    "angle": ([0.0, 1, 0, 0], [1.0, 0]),
+    "velocity": ([0.0, 0, 0, 1], [0.0, 1]),
 }
 
 
@@ -72,6 +77,10 @@ class PendulumModel(PhysVAEModel):
             its ``z_A1`` gets one extra dimension so that its latent size matches.
         hidden_aux1, hidden_aux2: hidden layer widths of the in-ODE and out-of-ODE nets.
         time_input: the in-ODE net also reads the time t (it can then represent a forcing).
+        aux1_state_inputs: the state entries the in-ODE net reads, ``"angle"`` and/or
+            ``"velocity"``. The reference reads both. Reading the velocity alone restricts the
+            correction to friction and drive terms: it can then no longer act as a restoring
+            force, so it cannot stand in for part of the physics' ``omega^2 sin(theta)``.
         x_lnvar: log variance of the observation noise. The default, ``-9 - log 2``, makes
             the ELBO the reference implementation's objective: that one adds the squared
             error to ``exp(-9)`` times the KL divergence, which is the negative ELBO (times
@@ -93,6 +102,7 @@ class PendulumModel(PhysVAEModel):
         hidden_aux1: Sequence[int] = (64, 64),
         hidden_aux2: Sequence[int] = (128, 128),
         time_input: bool = True,
+        aux1_state_inputs: Sequence[str] = ("angle", "velocity"),
         activation: str = "elu",
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
@@ -112,14 +122,18 @@ class PendulumModel(PhysVAEModel):
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
         self.dim_z_aux2 = dim_z_aux2
         self.time_input = bool(time_input)
+        self.aux1_state_inputs = _check_state_inputs(aux1_state_inputs)
         self.aux_dims = {"z_A1": self.dim_z_aux1, "z_A2": self.dim_z_aux2} if self.setting.has_nn else {}
         if self.setting.has_nn:
-            self.aux1 = MLP(2 + int(time_input) + self.dim_z_aux1, hidden_aux1, 1, activation,
-                            zero_last=True)
+            dim_in = len(self.aux1_state_inputs) + int(time_input) + self.dim_z_aux1
+            self.aux1 = MLP(dim_in, hidden_aux1, 1, activation, zero_last=True)
             dim_in = int(self.setting.has_physics) + self.dim_z_aux1 + self.dim_z_aux2
             self.aux2 = MLP(dim_in, hidden_aux2, self.n_steps, activation, zero_last=True)
         for name, value in _CONSTANT_MAPS.items():
             self.register_buffer(name, torch.tensor(value), persistent=False)
+        rows = [_NET_INPUT_ROWS[k] for k in self.aux1_state_inputs]
+        self.register_buffer("select_pa", torch.tensor([r[0] for r in rows]), persistent=False)
+        self.register_buffer("select2", torch.tensor([r[1] for r in rows]), persistent=False)
 
     # -- configuration -------------------------------------------------------------------
     @property
@@ -174,7 +188,7 @@ class PendulumModel(PhysVAEModel):
             x_p, x_pa = ys[..., 0], ys[..., 1]
             residual = self.aux2(torch.cat((omega.unsqueeze(-1), z_aux1, z_aux2), -1))
             return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
-        net = self._in_ode_net(z_aux1, None, self.into_accel2)
+        net = self._in_ode_net(z_aux1, self.select2, self.into_accel2)
         vel_to_pos = self.vel_to_pos2
 
         def rhs_nn(t: Tensor, y: Tensor) -> Tensor:
@@ -230,6 +244,15 @@ class PendulumModel(PhysVAEModel):
         if omega_prior is not None:
             priors = {**(priors or {}), "omega": omega_prior}
         return super().forward(x, init=init, subsample=subsample, priors=priors)
+
+
+def _check_state_inputs(names: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in _NET_INPUT_ROWS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"aux1_state_inputs must be distinct names among {list(_NET_INPUT_ROWS)}, "
+                         f"got {list(names)}")
+    return tuple(n for n in _NET_INPUT_ROWS if n in names)
 
 
 def _initial_state(init: Tensor, batch: torch.Size) -> Tensor:

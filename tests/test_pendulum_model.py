@@ -143,10 +143,11 @@ def test_initial_velocity_is_zero_and_first_sample_is_init(setting, pair_factory
         torch.testing.assert_close(model_tr.nodes["x_PA"]["value"][:, 0], small_data[:, 0])
 
 
+@pytest.mark.parametrize("inputs", [("angle", "velocity"), ("velocity",)])
 @pytest.mark.parametrize("setting_name", ["phys+nn", "nn-only"])
-def test_decode_matches_naive_right_hand_side(setting_name):
+def test_decode_matches_naive_right_hand_side(setting_name, inputs):
     model = PendulumModel(setting_name, n_steps=T, dt=DT, hidden_aux1=(7, 5), hidden_aux2=(6,),
-                          method="rk4", substeps=2)
+                          method="rk4", substeps=2, aux1_state_inputs=inputs)
     randomise(model, seed=4, std=0.5)
     B = 5
     g = torch.Generator().manual_seed(5)
@@ -158,7 +159,8 @@ def test_decode_matches_naive_right_hand_side(setting_name):
     out = model.decode(init, omega, z1, z2)
 
     def naive(t, y):
-        accel = model.aux1(torch.cat((y, t.expand(B, 1), z1), -1))[..., 0]
+        state = y if len(inputs) == 2 else y[..., 1:]  # (angle, velocity) or velocity
+        accel = model.aux1(torch.cat((state, t.expand(B, 1), z1), -1))[..., 0]
         if has_phys:
             base = pendulum_rhs(y, omega)
         else:
@@ -313,6 +315,22 @@ def test_constructor_errors():
         PendulumModel("physics")
     with pytest.raises(ValueError, match="unknown ODE solver"):
         PendulumModel("phys-only", method="magic")
+    for inputs in (("position",), (), ("velocity", "velocity")):
+        with pytest.raises(ValueError, match="aux1_state_inputs"):
+            PendulumModel("phys+nn", aux1_state_inputs=inputs)
+
+
+def test_velocity_only_in_ode_net_ignores_the_angle():
+    model = PendulumModel("phys+nn", n_steps=T, dt=DT, aux1_state_inputs=("velocity",))
+    randomise(model, seed=2)
+    assert model.aux1.linears[0].in_features == 1 + 1 + model.dim_z_aux1  # velocity, t, z_A1
+    net = model._in_ode_net(torch.randn(3, model.dim_z_aux1), model.select_pa, model.into_accel_pa)
+    y = torch.randn(3, 4)
+    moved_angles = y + torch.tensor([1.0, 1.0, 0.0, 0.0])  # theta_P, theta_PA
+    moved_velocity = y + torch.tensor([0.0, 0.0, 0.0, 1.0])  # dtheta_PA
+    t = torch.tensor(0.3)
+    torch.testing.assert_close(net(t, moved_angles), net(t, y))
+    assert (net(t, moved_velocity) - net(t, y)).abs().max() > 1e-4
 
 
 def test_latent_sites_and_parameters():
