@@ -107,14 +107,38 @@ def _train_config(args: argparse.Namespace, defaults: dict):
     )
 
 
+def _model_option(text: str) -> tuple[str, object]:
+    """An argparse type: ``KEY=VALUE``, the value read as JSON when it is JSON (numbers,
+    lists, ``true``), else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _check_model_options(model_cls: type, options: dict[str, object]) -> None:
+    import inspect
+
+    accepted = set(inspect.signature(model_cls).parameters) - {"self", "setting"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{model_cls.__name__} has no argument(s) {unknown}; "
+                         f"it takes: {', '.join(sorted(accepted))}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from pyro_physvae.systems import get_system
     from pyro_physvae.train import train
 
     system = get_system(args.system)
     # Solver options left out take the model's own defaults (e.g. 2 sub-steps for advdif).
-    model_kwargs = {k: v for k, v in (("method", args.solver), ("substeps", args.substeps),
-                                      ("rtol", args.rtol), ("atol", args.atol)) if v is not None}
+    model_kwargs = dict(args.model_option)
+    _check_model_options(system.model_cls, model_kwargs)
+    model_kwargs.update({k: v for k, v in (("method", args.solver), ("substeps", args.substeps),
+                                           ("rtol", args.rtol), ("atol", args.atol)) if v is not None})
     history = train(system, args.setting, args.data, args.out,
                     _train_config(args, system.train_defaults), model_kwargs=model_kwargs,
                     resume=args.resume, progress=not args.quiet)
@@ -323,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-step solver steps per observation interval (default: the model's)")
     t.add_argument("--rtol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
     t.add_argument("--atol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
+    t.add_argument("--model-option", type=_model_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="a model constructor argument, VALUE as JSON, e.g. "
+                   "dim_z_aux1=3 or aux1_state_inputs='[\"velocity\"]' (repeatable)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--checkpoint-every", type=_positive_int, default=10)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pyro_physvae.cli import main
+from pyro_physvae.evaluate import load_run
 
 TINY = ["--n-train", "32", "--n-valid", "16", "--n-test", "16", "--n-steps", "20"]
 
@@ -217,6 +218,24 @@ def test_advdif_solver_options_and_extrapolation_errors(advdif_run, tmp_path: Pa
         main(["train", "--system", "advdif", "--data", str(data), "--out", str(tmp_path / "x"),
               "--rtol", "-1"])
     assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_train_model_options(data_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(out), "--epochs", "1", "--quiet",
+                 "--model-option", 'aux1_state_inputs=["velocity"]',
+                 "--model-option", "dim_z_aux1=2"]) == 0
+    kwargs = json.loads((out / "config.json").read_text())["model_kwargs"]
+    assert kwargs["aux1_state_inputs"] == ["velocity"] and kwargs["dim_z_aux1"] == 2
+    run = load_run(out, "last.pt")
+    assert run.model.aux1_state_inputs == ("velocity",) and run.model.dim_z_aux1 == 2
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "x"), "--epochs", "1",
+                 "--quiet", "--model-option", "dim_z_aux=2"]) == 2
+    assert "PendulumModel has no argument(s) ['dim_z_aux']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data_dir), "--out", str(tmp_path / "y"), "--model-option", "3"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
 def test_extrapolate_refuses_the_pendulum(run_dir: Path, capsys) -> None:
