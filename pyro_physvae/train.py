@@ -225,8 +225,9 @@ class SVITrainer:
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss became {value}")
         self._ensure_optimizer(params)
-        if self.grad_scale != 1.0:
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], self.grad_scale)
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.grad_scale != 1.0 and grads:
+            torch._foreach_mul_(grads, self.grad_scale)
         torch.nn.utils.clip_grad_value_(params, self.config.clip_value)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
