@@ -5,8 +5,10 @@
 Builds the setting's model, guide and loss as ``physvae train`` does, on the benchmark's
 training data (``benchmarks/pendulum/out/data``, made by ``benchmarks/pendulum/run.py`` or
 ``train_all.py``), takes 10 warm-up steps of batch 200 on one thread, times 50 steps, then
-prints a ``torch.profiler`` table of ``--steps`` steps, operators sorted by their own time.
-Run it on an otherwise idle machine.
+prints a ``torch.profiler`` table of ``--steps`` steps, operators sorted by their own time,
+and the time of the parameter update alone (gradient scale, clipping and Adam) with Adam's
+fused kernel, which the trainer uses, against its multi-tensor one. Run it on an otherwise
+idle machine.
 """
 
 from __future__ import annotations
@@ -51,6 +53,31 @@ def main() -> None:
         for b in batches[60:]:
             trainer.step(x, subsample=b)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    params = module_parameters(model, guide)
+    for kind in ("fused", "foreach", "fused", "foreach"):
+        print(f"parameter update, Adam {kind}: {update_time(params, kind) * 1e3:.2f} ms")
+
+
+def update_time(params: list[torch.Tensor], kind: str, steps: int = 200) -> float:
+    """Seconds per update of ``params`` (gradients set at random): scale, clip, Adam."""
+    for p in params:
+        p.grad = torch.randn_like(p)
+    c = TrainConfig()
+    opt = torch.optim.Adam(params, lr=c.lr, eps=c.adam_eps, weight_decay=c.weight_decay,
+                           **({"fused": True} if kind == "fused" else {"foreach": True}))
+    grads = [p.grad for p in params]
+
+    def update() -> None:
+        torch._foreach_mul_(grads, 1.0)
+        torch.nn.utils.clip_grad_value_(params, c.clip_value)
+        opt.step()
+
+    for _ in range(20):
+        update()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        update()
+    return (time.perf_counter() - t0) / steps
 
 
 if __name__ == "__main__":
