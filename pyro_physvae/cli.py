@@ -107,7 +107,7 @@ def _train_config(args: argparse.Namespace, defaults: dict):
     )
 
 
-def _model_option(text: str) -> tuple[str, object]:
+def model_option_arg(text: str) -> tuple[str, object]:
     """An argparse type: ``KEY=VALUE``, the value read as JSON when it is JSON (numbers,
     lists, ``true``), else kept as a string."""
     key, sep, value = text.partition("=")
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed-step solver steps per observation interval (default: the model's)")
     t.add_argument("--rtol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
     t.add_argument("--atol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
-    t.add_argument("--model-option", type=_model_option, action="append", default=[],
+    t.add_argument("--model-option", type=model_option_arg, action="append", default=[],
                    metavar="KEY=VALUE", help="a model constructor argument, VALUE as JSON, e.g. "
                    "dim_z_aux1=3 or aux1_state_inputs='[\"velocity\"]' (repeatable)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
