@@ -1,6 +1,6 @@
 """Where the time of one pendulum training step goes.
 
-    python benchmarks/pendulum/profile_step.py [--setting phys+nn+reg] [--steps 20]
+    python benchmarks/pendulum/profile_step.py [--setting phys+nn+reg] [--steps 20] [--beta B]
 
 Builds the setting's model, guide and loss as ``physvae train`` does, on the benchmark's
 training data (``benchmarks/pendulum/out/data``, made by ``benchmarks/pendulum/run.py`` or
@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--setting", default="phys+nn+reg")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--data", default=str(HERE / "out" / "data"))
+    p.add_argument("--beta", type=float, default=None,
+                   help="R_DA,2 weight (default: the system's; 0 leaves the term out)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -40,7 +42,7 @@ def main() -> None:
     ds = load_split(args.data, "train", system="pendulum")
     x = system.observations(ds)
     model, guide = system.build(setting, system.model_kwargs_from_data(ds), {})
-    trainer = make_trainer(system, setting, model, guide, TrainConfig(), x.shape[0])
+    trainer = make_trainer(system, setting, model, guide, TrainConfig(beta=args.beta), x.shape[0])
     trainer.init_optimizer(module_parameters(model, guide))
     batches = [torch.randperm(x.shape[0])[:200] for _ in range(60 + args.steps)]
     for b in batches[:10]:
