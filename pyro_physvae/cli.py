@@ -119,24 +119,14 @@ def model_option_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _check_model_options(model_cls: type, options: dict[str, object]) -> None:
-    import inspect
-
-    accepted = set(inspect.signature(model_cls).parameters) - {"self", "setting"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"{model_cls.__name__} has no argument(s) {unknown}; "
-                         f"it takes: {', '.join(sorted(accepted))}")
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from pyro_physvae.systems import get_system
     from pyro_physvae.train import train
 
     system = get_system(args.system)
     # Solver options left out take the model's own defaults (e.g. 2 sub-steps for advdif).
+    # Unknown --model-option keys are refused when the model is built, before anything is written.
     model_kwargs = dict(args.model_option)
-    _check_model_options(system.model_cls, model_kwargs)
     model_kwargs.update({k: v for k, v in (("method", args.solver), ("substeps", args.substeps),
                                            ("rtol", args.rtol), ("atol", args.atol)) if v is not None})
     history = train(system, args.setting, args.data, args.out,

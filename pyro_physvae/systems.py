@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,12 +55,28 @@ class System:
 
     def build(self, setting: str | Setting, model_kwargs: dict | None = None,
               guide_kwargs: dict | None = None) -> tuple[PyroModule, PyroModule]:
-        model = self.model_cls(Setting.parse(setting), **(model_kwargs or {}))
-        return model, self.guide_cls(model, **(guide_kwargs or {}))
+        model_kwargs, guide_kwargs = dict(model_kwargs or {}), dict(guide_kwargs or {})
+        check_keyword_arguments(self.model_cls, model_kwargs, bound=("setting",))
+        check_keyword_arguments(self.guide_cls, guide_kwargs, bound=("model",))
+        model = self.model_cls(Setting.parse(setting), **model_kwargs)
+        return model, self.guide_cls(model, **guide_kwargs)
 
     def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor:
         """The observation tensor of a data set, the first argument of model and guide."""
         return to_tensor(ds["x"], device)
+
+
+def check_keyword_arguments(cls: type, kwargs: dict[str, Any], bound: tuple[str, ...] = ()) -> None:
+    """Raise a ``ValueError`` naming the keys of ``kwargs`` that ``cls(...)`` does not take
+    (``bound``: its arguments given positionally)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = set(params) - set(bound)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no argument(s) {unknown}; "
+                         f"it takes: {', '.join(sorted(accepted))}")
 
 
 def _pendulum() -> System:

@@ -13,6 +13,7 @@ from pyro_physvae.models.pendulum import OMEGA, X_LNVAR, PendulumModel, pendulum
 from pyro_physvae.ode import integrate
 from pyro_physvae.regularizers import PhysVAELoss, phys_vae_regularizers
 from pyro_physvae.settings import Setting
+from pyro_physvae.systems import get_system
 
 N, T, DT = 8, 12, 0.1
 
@@ -315,6 +316,11 @@ def test_constructor_errors():
         PendulumModel("physics")
     with pytest.raises(ValueError, match="unknown ODE solver"):
         PendulumModel("phys-only", method="magic")
+    system = get_system("pendulum")
+    with pytest.raises(ValueError, match=r"PendulumModel has no argument\(s\) \['dim_z_aux'\]"):
+        system.build("phys+nn", {"dim_z_aux": 2})
+    with pytest.raises(ValueError, match=r"PendulumGuide has no argument\(s\) \['hiden_feat'\]"):
+        system.build("phys+nn", guide_kwargs={"hiden_feat": (8,)})
     for inputs in (("position",), (), ("velocity", "velocity")):
         with pytest.raises(ValueError, match="aux1_state_inputs"):
             PendulumModel("phys+nn", aux1_state_inputs=inputs)
