@@ -43,21 +43,41 @@ OMEGA = PhysicalParameter(
 )
 
 
-# Constant maps folded into the right-hand sides (see decode()). For the stacked state
-# (theta_P, theta_PA, dtheta_P, dtheta_PA) of phys+nn, and (theta, dtheta) of nn-only:
-_CONSTANT_MAPS = {
-    "vel_to_pos4": [[0.0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]],  # d(theta)/dt
-    "pos_to_accel4": [[0.0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]],  # theta slots
-    "into_accel_pa": [[0.0], [0], [0], [1]],  # net output -> d(dtheta_PA)/dt
-    "vel_to_pos2": [[0.0, 1], [0, 0]],
-    "into_accel2": [[0.0], [1]],
-}
-#: Rows that select what the in-ODE net reads, from the stacked state of phys+nn and from
-#: the state (theta, dtheta) of nn-only.
-_NET_INPUT_ROWS = {
-    "angle": ([0.0, 1, 0, 0], [1.0, 0]),
-    "velocity": ([0.0, 0, 0, 1], [0.0, 1]),
-}
+# The right-hand sides are written as a few matrix products on a flat (N, D) state, because
+# PyTorch's per-operation overhead, not arithmetic, dominates at these sizes. The time and a
+# constant 1 ride along in the state (dt/dt = 1), so that the in-ODE net reads the time
+# through the same matrix product as the angle and velocity.
+# phys+nn state: (theta_P, theta_PA, dtheta_P, dtheta_PA, t, 1); nn-only: (theta, dtheta, t, 1).
+_STATE_PA = ("theta_P", "theta_PA", "dtheta_P", "dtheta_PA", "t", "one")
+_STATE_NN = ("theta", "dtheta", "t", "one")
+_STATE_P = ("theta", "dtheta")
+#: d(state)/dt's linear part as (derivative, source) pairs: velocities and dt/dt = 1.
+_LINEAR_PA = (("theta_P", "dtheta_P"), ("theta_PA", "dtheta_PA"), ("t", "one"))
+_LINEAR_NN = (("theta", "dtheta"), ("t", "one"))
+_LINEAR_P = (("theta", "dtheta"),)
+#: Where the gravity term of each angle goes: (acceleration, angle).
+_GRAVITY_PA = (("dtheta_P", "theta_P"), ("dtheta_PA", "theta_PA"))
+_GRAVITY_P = (("dtheta", "theta"),)
+#: What the in-ODE net reads and where its output goes, in each state.
+_NET_INPUTS = {"angle": ("theta_PA", "theta"), "velocity": ("dtheta_PA", "dtheta"), "time": ("t", "t")}
+_NET_OUTPUT = ("dtheta_PA", "dtheta")
+STATE_INPUTS = ("angle", "velocity")
+
+
+def _state_map(names: Sequence[str], pairs: Sequence[tuple[str, str]]) -> Tensor:
+    """``(D, D)`` matrix ``M`` with ``(state @ M.T)[row] = state[col]`` for each ``(row, col)``."""
+    m = torch.zeros(len(names), len(names))
+    for row, col in pairs:
+        m[names.index(row), names.index(col)] = 1.0
+    return m
+
+
+def _selector(names: Sequence[str], picked: Sequence[str]) -> Tensor:
+    """``(len(picked), D)`` rows that pick ``picked`` out of a state laid out as ``names``."""
+    m = torch.zeros(len(picked), len(names))
+    for i, name in enumerate(picked):
+        m[i, names.index(name)] = 1.0
+    return m
 
 
 def pendulum_rhs(state: Tensor, omega: Tensor) -> Tensor:
@@ -129,11 +149,24 @@ class PendulumModel(PhysVAEModel):
             self.aux1 = MLP(dim_in, hidden_aux1, 1, activation, zero_last=True)
             dim_in = int(self.setting.has_physics) + self.dim_z_aux1 + self.dim_z_aux2
             self.aux2 = MLP(dim_in, hidden_aux2, self.n_steps, activation, zero_last=True)
-        for name, value in _CONSTANT_MAPS.items():
-            self.register_buffer(name, torch.tensor(value), persistent=False)
-        rows = [_NET_INPUT_ROWS[k] for k in self.aux1_state_inputs]
-        self.register_buffer("select_pa", torch.tensor([r[0] for r in rows]), persistent=False)
-        self.register_buffer("select2", torch.tensor([r[1] for r in rows]), persistent=False)
+        # Transposed maps (state @ map), fixed by the setting; not saved with the weights.
+        self._register_map("p_linear", _state_map(_STATE_P, _LINEAR_P))
+        self._register_map("p_gravity", _state_map(_STATE_P, _GRAVITY_P))
+        if self.setting.has_nn:
+            pa = self.setting.has_physics
+            state, col = (_STATE_PA, 0) if pa else (_STATE_NN, 1)
+            self._register_map("linear", _state_map(state, _LINEAR_PA if pa else _LINEAR_NN))
+            if pa:
+                self._register_map("gravity", _state_map(state, _GRAVITY_PA))
+            inputs = [*self.aux1_state_inputs, *(("time",) if self.time_input else ())]
+            # bind_conditioned takes the input rows and the output map untransposed.
+            self.register_buffer("net_input", _selector(state, [_NET_INPUTS[k][col] for k in inputs]),
+                                 persistent=False)
+            self.register_buffer("net_output", _selector(state, [_NET_OUTPUT[col]]).t().contiguous(),
+                                 persistent=False)
+
+    def _register_map(self, name: str, m: Tensor) -> None:
+        self.register_buffer(f"{name}_t", m.t().contiguous(), persistent=False)
 
     # -- configuration -------------------------------------------------------------------
     @property
@@ -166,41 +199,44 @@ class PendulumModel(PhysVAEModel):
         if not s.has_nn:
             x_p = self.physics_only(init, omega, clamp=clamp)
             return {"x_P": x_p, "x_mean": x_p}
+        shapes = [init.shape, z_aux1.shape[:-1], z_aux2.shape[:-1]]
         if s.has_physics:
             omega = self.omega.clamp(omega) if clamp else omega
-        y0 = _initial_state(init, omega.shape if s.has_physics else z_aux1.shape[:-1])
+            shapes.append(omega.shape)
+        batch = torch.broadcast_shapes(*shapes)
+        # The solve runs on a flat batch of N = prod(batch) states.
+        n = math.prod(batch)
+        theta0 = init.expand(batch).reshape(n)
+        zero, one = torch.zeros_like(theta0), torch.ones_like(theta0)
+        t0 = zero + self.t[0]
+        net = self._in_ode_net(z_aux1.expand(*batch, -1).reshape(n, -1))
+        linear_t = self.linear_t
 
-        if s.has_physics and s.has_nn:
-            net = self._in_ode_net(z_aux1, self.select_pa, self.into_accel_pa)
-            vel_to_pos = self.vel_to_pos4
-            pos_to_accel = self.pos_to_accel4
-            coef = F.pad(-omega.pow(2).unsqueeze(-1).expand(*omega.shape, 2), (2, 0))
+        if s.has_physics:
+            gravity_t = self.gravity_t
+            coef = F.pad(-omega.expand(batch).reshape(n, 1).pow(2).expand(n, 2), (2, 2))
 
-            # Physics-only and physics+net dynamics in one solve. State (..., B, 4) =
-            # (theta_P, theta_PA, dtheta_P, dtheta_PA); the net reads (theta_PA, dtheta_PA)
-            # and adds to d(dtheta_PA)/dt. The slicing is folded into constant matrices
-            # because per-operation overhead, not arithmetic, dominates at these sizes.
+            # Physics-only (P) and physics+net (PA) dynamics in one solve; the net reads
+            # the PA part and adds to d(dtheta_PA)/dt.
             def rhs(t: Tensor, y: Tensor) -> Tensor:
-                sin_theta = torch.sin(F.linear(y, pos_to_accel))
-                return F.linear(y, vel_to_pos) + coef * sin_theta + net(t, y)
+                return torch.addcmul(torch.addmm(net(y), y, linear_t), coef, torch.sin(y @ gravity_t))
 
-            ys = self._solve(rhs, y0[..., (0, 0, 1, 1)])
+            y0 = torch.stack((theta0, theta0, zero, zero, t0, one), -1)
+            ys = self._solve(rhs, y0).reshape(*batch, self.n_steps, len(_STATE_PA))
             x_p, x_pa = ys[..., 0], ys[..., 1]
-            residual = self.aux2(torch.cat((omega.unsqueeze(-1), z_aux1, z_aux2), -1))
+            residual = self.aux2(_cat_broadcast(batch, omega.unsqueeze(-1), z_aux1, z_aux2))
             return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
-        net = self._in_ode_net(z_aux1, self.select2, self.into_accel2)
-        vel_to_pos = self.vel_to_pos2
 
         def rhs_nn(t: Tensor, y: Tensor) -> Tensor:
-            return F.linear(y, vel_to_pos) + net(t, y)
+            return torch.addmm(net(y), y, linear_t)
 
-        ys = self._solve(rhs_nn, y0)
-        return {"x_mean": ys[..., 0] + self.aux2(torch.cat((z_aux1, z_aux2), -1))}
+        ys = self._solve(rhs_nn, torch.stack((theta0, zero, t0, one), -1))
+        x_nn = ys[:, :, 0].reshape(*batch, self.n_steps)
+        return {"x_mean": x_nn + self.aux2(_cat_broadcast(batch, z_aux1, z_aux2))}
 
-    def _in_ode_net(self, z_aux1: Tensor, input_map: Tensor | None, output_map: Tensor):
-        """The in-ODE net as ``f(t, y)`` for fixed ``z_aux1``, placed by the state maps."""
-        net = self.aux1.bind_conditioned(z_aux1, input_map, output_map, time_input=self.time_input)
-        return net if self.time_input else (lambda t, y: net(y))
+    def _in_ode_net(self, z_aux1: Tensor):
+        """The in-ODE net as ``f(y)`` of the flat state ``y (N, D)`` for ``z_aux1 (N, dim)``."""
+        return self.aux1.bind_conditioned(z_aux1, self.net_input, self.net_output)
 
     def _solve(self, rhs, y0: Tensor) -> Tensor:
         return self._integrate(rhs, y0)
@@ -208,8 +244,17 @@ class PendulumModel(PhysVAEModel):
     def physics_only(self, init: Tensor, omega: Tensor, *, clamp: bool = True) -> Tensor:
         """Physics-only angle curves ``(..., B, T)`` for angles ``init`` and ``omega``."""
         omega = self.omega.clamp(omega) if clamp else omega
-        y0 = _initial_state(init, omega.shape)
-        return self._solve(lambda t, y: pendulum_rhs(y, omega), y0)[..., 0]
+        batch = torch.broadcast_shapes(init.shape, omega.shape)
+        n = math.prod(batch)
+        theta0 = init.expand(batch).reshape(n)
+        coef = F.pad(-omega.expand(batch).reshape(n, 1).pow(2), (1, 0))
+        linear_t, gravity_t = self.p_linear_t, self.p_gravity_t
+
+        def rhs(t: Tensor, y: Tensor) -> Tensor:
+            return torch.addcmul(y @ linear_t, coef, torch.sin(y @ gravity_t))
+
+        ys = self._solve(rhs, torch.stack((theta0, torch.zeros_like(theta0)), -1))
+        return ys[:, :, 0].reshape(*batch, self.n_steps)
 
     def simulate_augmentation(self, init: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Physics-only data for R_DA,2: omega uniform over its range, from ``init (..., B)``."""
@@ -248,14 +293,13 @@ class PendulumModel(PhysVAEModel):
 
 def _check_state_inputs(names: Sequence[str]) -> tuple[str, ...]:
     names = tuple(names)
-    unknown = [n for n in names if n not in _NET_INPUT_ROWS]
+    unknown = [n for n in names if n not in STATE_INPUTS]
     if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(f"aux1_state_inputs must be distinct names among {list(_NET_INPUT_ROWS)}, "
+        raise ValueError(f"aux1_state_inputs must be distinct names among {list(STATE_INPUTS)}, "
                          f"got {list(names)}")
-    return tuple(n for n in _NET_INPUT_ROWS if n in names)
+    return tuple(n for n in STATE_INPUTS if n in names)
 
 
-def _initial_state(init: Tensor, batch: torch.Size) -> Tensor:
-    """State ``(..., B, 2)`` = (angle ``init`` broadcast to ``batch``, zero velocity)."""
-    angle = init.expand(batch)
-    return torch.stack((angle, torch.zeros_like(angle)), -1)
+def _cat_broadcast(batch: torch.Size, *parts: Tensor) -> Tensor:
+    """Concatenate ``(..., d_i)`` tensors along the last dim after broadcasting to ``batch``."""
+    return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], -1)

@@ -113,7 +113,8 @@ class PhysVAEModel(PyroModule):
         """Solve with the model's solver options on ``t`` (default: the observation times);
         returns ``(..., T, D)``."""
         return integrate(rhs, y0, self.t if t is None else t, method=self.method,
-                         substeps=self.substeps, rtol=self.rtol, atol=self.atol)
+                         substeps=self.substeps, rtol=self.rtol, atol=self.atol,
+                         uniform=True if t is None else None)  # self.t is evenly spaced
 
     def observation_shape(self) -> tuple[int, ...] | None:
         """Expected shape of one observation (``None``: only the time axis is checked)."""

@@ -131,6 +131,12 @@ class MLP(PyroModule):
 
         if time_input:
             return lambda t, x: rest(F.linear(x, w_x) + torch.addcmul(offset, t, w_t))
+        if offset.dim() == 2:
+            w_x_t = w_x.t()
+            # One fused op (and one autograd node) where the state is a matrix, as in a
+            # flattened ODE solve; other shapes broadcast.
+            return lambda x: rest(torch.addmm(offset, x, w_x_t) if x.dim() == 2
+                                  else F.linear(x, w_x) + offset)
         return lambda x: rest(F.linear(x, w_x) + offset)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -145,6 +145,30 @@ def test_blow_up_raises_integration_error():
     assert issubclass(IntegrationError, FloatingPointError)
 
 
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+def test_a_non_finite_value_midway_in_one_row_is_caught(method):
+    """The fixed-grid check looks at the last state only: a NaN from the right-hand side
+    half-way, in one row of the batch, must still stop the solve."""
+    def rhs(t, y):
+        bad = (t > 0.4) & (t < 0.6)
+        return torch.where(bad & (torch.arange(3) == 1)[:, None], float("nan"), -y)
+
+    t = torch.linspace(0.0, 1.0, 11)
+    with pytest.raises(IntegrationError, match="non-finite"):
+        integrate(rhs, torch.ones(3, 2), t, method=method, substeps=2)
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_known_uniform_grid_gives_the_checked_result(method):
+    t = torch.linspace(0.0, 2.0, 9)
+    checked = integrate(decay, torch.ones(2), t, method=method, substeps=3)
+    torch.testing.assert_close(integrate(decay, torch.ones(2), t, method=method, substeps=3,
+                                         uniform=True), checked)
+    # uniform=False takes torchdiffeq's general path: the same steps, the same values.
+    torch.testing.assert_close(integrate(decay, torch.ones(2), t, method=method, substeps=3,
+                                         uniform=False), checked)
+
+
 def test_blow_up_check_can_be_switched_off():
     y = integrate(lambda t, y: y**2, torch.tensor([10.0]), torch.linspace(0.0, 10.0, 11),
                   method="euler", check_finite=False)

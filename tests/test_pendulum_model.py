@@ -144,11 +144,12 @@ def test_initial_velocity_is_zero_and_first_sample_is_init(setting, pair_factory
         torch.testing.assert_close(model_tr.nodes["x_PA"]["value"][:, 0], small_data[:, 0])
 
 
-@pytest.mark.parametrize("inputs", [("angle", "velocity"), ("velocity",)])
+@pytest.mark.parametrize("inputs,time_input", [(("angle", "velocity"), True), (("velocity",), True),
+                                               (("angle", "velocity"), False)])
 @pytest.mark.parametrize("setting_name", ["phys+nn", "nn-only"])
-def test_decode_matches_naive_right_hand_side(setting_name, inputs):
+def test_decode_matches_naive_right_hand_side(setting_name, inputs, time_input):
     model = PendulumModel(setting_name, n_steps=T, dt=DT, hidden_aux1=(7, 5), hidden_aux2=(6,),
-                          method="rk4", substeps=2, aux1_state_inputs=inputs)
+                          method="rk4", substeps=2, aux1_state_inputs=inputs, time_input=time_input)
     randomise(model, seed=4, std=0.5)
     B = 5
     g = torch.Generator().manual_seed(5)
@@ -161,7 +162,8 @@ def test_decode_matches_naive_right_hand_side(setting_name, inputs):
 
     def naive(t, y):
         state = y if len(inputs) == 2 else y[..., 1:]  # (angle, velocity) or velocity
-        accel = model.aux1(torch.cat((state, t.expand(B, 1), z1), -1))[..., 0]
+        net_in = (state, t.expand(B, 1), z1) if time_input else (state, z1)
+        accel = model.aux1(torch.cat(net_in, -1))[..., 0]
         if has_phys:
             base = pendulum_rhs(y, omega)
         else:
@@ -185,6 +187,24 @@ def test_decode_matches_naive_right_hand_side(setting_name, inputs):
         assert set(out) == {"x_mean"}
         torch.testing.assert_close(out["x_mean"], x_a + residual)
     assert residual.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("setting_name", ["phys+nn", "nn-only", "phys-only"])
+def test_decode_broadcasts_latents_of_different_batch_shapes(setting_name):
+    model = PendulumModel(setting_name, n_steps=T, dt=DT, hidden_aux1=(7, 5), hidden_aux2=(6,))
+    randomise(model, seed=6, std=0.5)
+    g = torch.Generator().manual_seed(6)
+    init = torch.rand(4, generator=g) - 0.5
+    omega = 0.5 + 2.5 * torch.rand(3, 4, generator=g)  # 3 draws of 4 sequences
+    z1 = torch.randn(4, model.dim_z_aux1, generator=g)  # shared by the draws
+    z2 = torch.randn(3, 4, model.dim_z_aux2, generator=g)
+    has_nn = setting_name != "phys-only"
+    out = model.decode(init, omega, z1 if has_nn else None, z2 if has_nn else None)
+    for i in range(3):
+        one = model.decode(init, omega[i], z1 if has_nn else None, z2[i] if has_nn else None)
+        for key, value in one.items():
+            assert out[key].shape == (3, 4, T)
+            torch.testing.assert_close(out[key][i], value)
 
 
 def test_predictive_guide_then_model(setting, pair_factory, small_data):
@@ -330,13 +350,16 @@ def test_velocity_only_in_ode_net_ignores_the_angle():
     model = PendulumModel("phys+nn", n_steps=T, dt=DT, aux1_state_inputs=("velocity",))
     randomise(model, seed=2)
     assert model.aux1.linears[0].in_features == 1 + 1 + model.dim_z_aux1  # velocity, t, z_A1
-    net = model._in_ode_net(torch.randn(3, model.dim_z_aux1), model.select_pa, model.into_accel_pa)
-    y = torch.randn(3, 4)
-    moved_angles = y + torch.tensor([1.0, 1.0, 0.0, 0.0])  # theta_P, theta_PA
-    moved_velocity = y + torch.tensor([0.0, 0.0, 0.0, 1.0])  # dtheta_PA
-    t = torch.tensor(0.3)
-    torch.testing.assert_close(net(t, moved_angles), net(t, y))
-    assert (net(t, moved_velocity) - net(t, y)).abs().max() > 1e-4
+    net = model._in_ode_net(torch.randn(3, model.dim_z_aux1))
+    y = torch.randn(3, 6)  # theta_P, theta_PA, dtheta_P, dtheta_PA, t, 1
+    moved_angles = y + torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    moved_velocity = y + torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    moved_time = y + torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.0])
+    torch.testing.assert_close(net(moved_angles), net(y))
+    assert (net(moved_velocity) - net(y)).abs().max() > 1e-4
+    assert (net(moved_time) - net(y)).abs().max() > 1e-4
+    # The net adds to d(dtheta_PA)/dt alone.
+    assert net(y)[:, [0, 1, 2, 4, 5]].abs().max() == 0
 
 
 def test_latent_sites_and_parameters():
