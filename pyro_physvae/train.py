@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,11 @@ def train(
     system = get_system(system) if isinstance(system, str) else system
     setting = Setting.parse(setting)
     config = config or TrainConfig(**system.train_defaults)
+    if setting.regularized:
+        # Record the weights themselves, not "the system's default", which may change later.
+        names = ("alpha", "beta", "gamma")
+        config = replace(config, **{k: d if getattr(config, k) is None else getattr(config, k)
+                                    for k, d in zip(names, system.reg_weights, strict=True)})
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     if config.threads:

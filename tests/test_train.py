@@ -67,6 +67,9 @@ def test_run_directory_contents(reference_run, tiny_data_dir):
     assert config["train_config"]["epochs"] == 30 and config["train_config"]["batch_size"] == 16
     assert config["n_train"] == 64
     assert config["data_dir"] == str(tiny_data_dir.resolve())
+    # The regularizer weights in use are recorded, not left as "the default".
+    weights = [config["train_config"][k] for k in ("alpha", "beta", "gamma")]
+    assert weights == list(get_system("pendulum").reg_weights)
 
     last = load_checkpoint(run_dir / "last.pt")
     assert last["epoch"] == 30 and last["history"] == history
