@@ -127,13 +127,20 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
     precision = 1.0
     if model is not None and hasattr(model, "noise_scale"):
         precision = float(0.5 / model.noise_scale().detach().pow(2))
-    alpha, beta, gamma = (v if v is not None else d for v, d in
-                          zip((config.alpha, config.beta, config.gamma), system.reg_weights, strict=True))
+    weights = with_reg_weights(config, system)
+    alpha, beta, gamma = weights.alpha, weights.beta, weights.gamma
     if config.guide != "amortized":  # R_DA,1 and R_DA,2 act through the encoder
         beta = gamma = 0.0
     regs = phys_vae_regularizers(alpha=precision * alpha, beta=precision * beta, gamma=precision * gamma,
                                  event_dim=getattr(model, "x_event_dim", 1))
     return PhysVAELoss(elbo, regs, kl_weight=1.0 + alpha)
+
+
+def with_reg_weights(config: TrainConfig, system: System) -> TrainConfig:
+    """``config`` with the regularizer weights it leaves ``None`` set to the system's."""
+    names = ("alpha", "beta", "gamma")
+    return replace(config, **{k: d if getattr(config, k) is None else getattr(config, k)
+                              for k, d in zip(names, system.reg_weights, strict=True)})
 
 
 def reference_grad_scale(model: torch.nn.Module, n: int) -> float:
@@ -292,9 +299,7 @@ def train(
     config = config or TrainConfig(**system.train_defaults)
     if setting.regularized:
         # Record the weights themselves, not "the system's default", which may change later.
-        names = ("alpha", "beta", "gamma")
-        config = replace(config, **{k: d if getattr(config, k) is None else getattr(config, k)
-                                    for k, d in zip(names, system.reg_weights, strict=True)})
+        config = with_reg_weights(config, system)
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     if config.threads:
