@@ -11,10 +11,14 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+#: The activations an :class:`MLP` applies between layers. They act in place where PyTorch has an
+#: in-place form: an MLP applies them only to the fresh output of a linear layer, which
+#: nothing else reads, and autograd then computes the backward pass from the result. For
+#: ELU that is about twice as fast as from the input (``exp(x) = elu(x) + 1`` for ``x <= 0``).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "elu": F.elu,
-    "relu": F.relu,
-    "tanh": torch.tanh,
+    "elu": F.elu_,
+    "relu": F.relu_,
+    "tanh": torch.tanh_,
     "softplus": F.softplus,
 }
 

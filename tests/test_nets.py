@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyro_physvae.nets import ACTIVATIONS, MLP
+
+#: Out-of-place forms, independent of the in-place ones that MLP applies.
+REFERENCE_ACTIVATIONS = {"elu": F.elu, "relu": F.relu, "tanh": torch.tanh, "softplus": F.softplus}
 
 
 def randomise(net: torch.nn.Module, seed: int = 0) -> None:
@@ -17,7 +21,7 @@ def randomise(net: torch.nn.Module, seed: int = 0) -> None:
 
 def reference_mlp(net: MLP, x: torch.Tensor) -> torch.Tensor:
     """The network written out with torch.nn.functional, independently of MLP.bind."""
-    act = ACTIVATIONS[net.activation]
+    act = REFERENCE_ACTIVATIONS[net.activation]
     n = len(net.linears)
     for i, lin in enumerate(net.linears):
         x = torch.nn.functional.linear(x, lin.weight, lin.bias)
@@ -34,6 +38,30 @@ def test_forward_matches_reference(activation):
     y = net(x)
     assert y.shape == (6, 7, 2)
     torch.testing.assert_close(y, reference_mlp(net, x))
+
+
+def test_reference_covers_every_activation():
+    assert set(REFERENCE_ACTIVATIONS) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("final_activation", [False, True])
+def test_in_place_activations_give_the_reference_gradients(activation, final_activation):
+    """The activations act in place on fresh layer outputs; the gradients with respect to the
+    input, the conditioning input and every weight must be those of the out-of-place network."""
+    net = MLP(2 + 3, (5, 4), 2, activation, final_activation=final_activation).double()
+    randomise(net, seed=4)
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, dtype=torch.float64)
+    wrt = [x, z, *net.parameters()]
+    outputs = {"forward": lambda: net(torch.cat((x, z), -1)),
+               "bound": lambda: net.bind_conditioned(z)(x),
+               "reference": lambda: reference_mlp(net, torch.cat((x, z), -1))}
+    grads = {k: torch.autograd.grad((f() * w).sum(), wrt) for k, f in outputs.items()}
+    for k in ("forward", "bound"):
+        for got, want in zip(grads[k], grads["reference"], strict=True):
+            torch.testing.assert_close(got, want)
 
 
 def test_zero_last_starts_as_the_zero_function_but_learns():
