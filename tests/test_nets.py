@@ -64,6 +64,16 @@ def test_in_place_activations_give_the_reference_gradients(activation, final_act
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_in_place_activations_give_correct_second_derivatives(activation):
+    """Hamiltonian models differentiate the network twice (the gradient of an energy enters
+    the loss); the double backward through the in-place activations must stay exact."""
+    net = MLP(3, (5, 4), 1, activation).double()
+    randomise(net, seed=5)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(net, (x,))
+
+
 def test_zero_last_starts_as_the_zero_function_but_learns():
     net = MLP(3, (8,), 2, zero_last=True)
     x = torch.randn(5, 3)
