@@ -45,8 +45,12 @@ ONE_THREAD = ("import runpy, sys, torch; torch.set_num_threads(1); torch.set_num
               "sys.argv[0] = {script!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
 
 
-def one_thread_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def run_one_thread(cmd: list[str], cwd: Path | None = None) -> None:
+    """Run ``cmd`` with one OpenMP/MKL thread; on failure, raise with the end of its stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
 
 
 def authors_epoch_time(authors: Path, epochs: int) -> float:
@@ -59,7 +63,7 @@ def authors_epoch_time(authors: Path, epochs: int) -> float:
         code = ONE_THREAD.format(script="physvae/pendulum/train.py", module="physvae.pendulum.train")
         cmd = [sys.executable, "-c", code, "--datadir", "./data/pendulum/", "--outdir", out,
                "--epochs", str(epochs), *AUTHORS_FLAGS]
-        subprocess.run(cmd, cwd=authors, env=one_thread_env(), check=True, capture_output=True)
+        run_one_thread(cmd, cwd=authors)
         rows = [line.split() for line in (Path(out) / "log.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     total = np.array([float(r[-1]) for r in rows])
@@ -73,7 +77,7 @@ def our_epoch_times(data: Path, epochs: int) -> dict[str, float]:
                str(epochs), "--threads", "1", "--settings", "phys+nn+reg", "--out", out]
         if data.is_dir():
             cmd += ["--data", str(data)]
-        subprocess.run(cmd, env=one_thread_env(), check=True, capture_output=True)
+        run_one_thread(cmd)
         return json.loads((Path(out) / "speed.json").read_text())["rows"]["phys+nn+reg"]
 
 
