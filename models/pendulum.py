@@ -222,7 +222,7 @@ class PendulumModel(PhysVAEModel):
                 return torch.addcmul(torch.addmm(net(y), y, linear_t), coef, torch.sin(y @ gravity_t))
 
             y0 = torch.stack((theta0, theta0, zero, zero, t0, one), -1)
-            ys = self._solve(rhs, y0).reshape(*batch, self.n_steps, len(_STATE_PA))
+            ys = self._integrate(rhs, y0).reshape(*batch, self.n_steps, len(_STATE_PA))
             x_p, x_pa = ys[..., 0], ys[..., 1]
             residual = self.aux2(_cat_broadcast(batch, omega.unsqueeze(-1), z_aux1, z_aux2))
             return {"x_P": x_p, "x_PA": x_pa, "x_PB": x_p + residual, "x_mean": x_pa + residual}
@@ -230,16 +230,13 @@ class PendulumModel(PhysVAEModel):
         def rhs_nn(t: Tensor, y: Tensor) -> Tensor:
             return torch.addmm(net(y), y, linear_t)
 
-        ys = self._solve(rhs_nn, torch.stack((theta0, zero, t0, one), -1))
+        ys = self._integrate(rhs_nn, torch.stack((theta0, zero, t0, one), -1))
         x_nn = ys[:, :, 0].reshape(*batch, self.n_steps)
         return {"x_mean": x_nn + self.aux2(_cat_broadcast(batch, z_aux1, z_aux2))}
 
     def _in_ode_net(self, z_aux1: Tensor):
         """The in-ODE net as ``f(y)`` of the flat state ``y (N, D)`` for ``z_aux1 (N, dim)``."""
         return self.aux1.bind_conditioned(z_aux1, self.net_input, self.net_output)
-
-    def _solve(self, rhs, y0: Tensor) -> Tensor:
-        return self._integrate(rhs, y0)
 
     def physics_only(self, init: Tensor, omega: Tensor, *, clamp: bool = True) -> Tensor:
         """Physics-only angle curves ``(..., B, T)`` for angles ``init`` and ``omega``."""
@@ -253,7 +250,7 @@ class PendulumModel(PhysVAEModel):
         def rhs(t: Tensor, y: Tensor) -> Tensor:
             return torch.addcmul(y @ linear_t, coef, torch.sin(y @ gravity_t))
 
-        ys = self._solve(rhs, torch.stack((theta0, torch.zeros_like(theta0)), -1))
+        ys = self._integrate(rhs, torch.stack((theta0, torch.zeros_like(theta0)), -1))
         return ys[:, :, 0].reshape(*batch, self.n_steps)
 
     def simulate_augmentation(self, init: Tensor) -> tuple[dict[str, Tensor], Tensor]:
