@@ -12,6 +12,7 @@ and ``results/seeds_3_4_full_budget.log`` (seeds 3, 4).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ MSE_TARGET, MAE_TARGET = 0.005, 0.15
 def main() -> None:
     seeds, val, mse, mae = [], [], [], []
     for seed, (run, metrics) in RUNS.items():
-        m = json.loads(open(metrics).read())
+        m = json.loads(Path(metrics).read_text())
         history = torch.load(f"{run}/best.pt", weights_only=True)["history"]
         seeds.append(seed)
         val.append(min(r["val_loss"] for r in history))
