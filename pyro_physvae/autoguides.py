@@ -10,15 +10,22 @@ AutoGuide; R_ppc, which acts on the decoder, does.
 element and supports minibatches: its plate is the model's ``data`` plate with the same
 ``subsample`` indices. ``auto-diagonal`` and ``auto-lowrank`` pack all latents of all sequences
 into one vector, so they are trained on the full data set at every step.
+
+:func:`refine_amortized_guide` is semi-amortized inference for a trained amortized encoder: an
+``auto-normal`` guide started from the encoder's posterior for new sequences and refined by
+SVI per sequence, with model and encoder held fixed. It closes the encoder's amortization gap
+on data it was not trained on.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
@@ -27,6 +34,9 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroParam
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from pyro_physvae.nets import frozen_parameters
@@ -39,6 +49,8 @@ AUTOGUIDES: dict[str, type[AutoGuide]] = {
 }
 #: Guide choices of the trainer and the CLI.
 GUIDES: tuple[str, ...] = ("amortized", *AUTOGUIDES)
+
+_guide_numbers = itertools.count()
 
 
 def check_guide_kind(kind: str) -> str:
@@ -55,22 +67,29 @@ def _data_plate(x: Tensor | None = None, *args, subsample: Tensor | None = None,
 
 
 def make_autoguide(kind: str, model: Callable, *, init_scale: float = 0.01,
-                   rank: int | None = None) -> AutoGuide:
-    """An AutoGuide of ``kind`` over the model's latents, started at prior medians.
+                   rank: int | None = None, init_loc_fn: Callable = init_to_median) -> AutoGuide:
+    """An AutoGuide of ``kind`` over the model's latents, started at ``init_loc_fn`` (by
+    default the prior medians).
 
     Args:
         kind: ``"auto-normal"``, ``"auto-diagonal"`` or ``"auto-lowrank"``.
         init_scale: initial posterior standard deviation in unconstrained space.
         rank: rank of the low-rank covariance (default: Pyro's, about sqrt of the size).
+        init_loc_fn: Pyro's initialisation strategy, a function of the model's site.
     """
     if check_guide_kind(kind) == "amortized":
         raise ValueError("the amortized guide is built by the system, not here")
-    kwargs: dict = {"init_loc_fn": init_to_median, "init_scale": init_scale}
+    kwargs: dict = {"init_loc_fn": init_loc_fn, "init_scale": init_scale}
     if kind == "auto-normal":
         kwargs["create_plates"] = _data_plate
     if kind == "auto-lowrank" and rank is not None:
         kwargs["rank"] = rank
-    return AUTOGUIDES[kind](model, **kwargs)
+    guide = AUTOGUIDES[kind](model, **kwargs)
+    # Pyro keeps a PyroModule's parameters in its global store under the module's name. A name
+    # of its own keeps guides fitted to different sequences (say a test and a validation split
+    # in `physvae diagnose`) from sharing, or clashing over, the same parameters.
+    guide._pyro_name = f"{type(guide).__name__}_{next(_guide_numbers)}"
+    return guide
 
 
 def supports_subsampling(guide: Callable) -> bool:
@@ -99,10 +118,79 @@ def fit_local_guide(
     check_positive_int(steps, "steps")
     pyro.set_rng_seed(seed)
     guide = make_autoguide(kind, model)
+    return _fit_latents(model, guide, x, steps=steps, lr=lr, num_particles=num_particles)
+
+
+def refine_amortized_guide(
+    model: torch.nn.Module,
+    guide: Callable,
+    x: Tensor,
+    *,
+    steps: int = 200,
+    lr: float = 1e-2,
+    num_particles: int = 1,
+    seed: int = 0,
+) -> AutoNormal:
+    """Semi-amortized inference: refine the amortized posterior of the sequences ``x`` one by one.
+
+    An ``auto-normal`` guide (one Normal per latent element of every sequence) is started at
+    the means and standard deviations that the amortized ``guide`` gives for ``x``, then
+    fitted for ``steps`` Adam steps of the model's ELBO (``Trace_ELBO``) with the model and the
+    encoder held fixed; all sequences enter every step. The regularizers are not part of this
+    objective: they shape the networks in training, the posterior of a trained model is the
+    model's. Every latent of the model must have real support (true of the zoo's models,
+    whose physics parameters have Normal priors and are clamped in the decoder).
+
+    Args:
+        model: the trained model.
+        guide: its amortized guide, called as ``guide(x)``.
+        x: observations ``(N, *event)``.
+
+    Returns:
+        The refined guide; call it (or ``Predictive``) with the same ``x``.
+    """
+    check_positive_int(steps, "steps")
+    pyro.set_rng_seed(seed)
+    start = amortized_posterior(guide, x)
+    auto = make_autoguide("auto-normal", model, init_loc_fn=lambda site: start[site["name"]][0])
+    with torch.no_grad():
+        auto(x)  # creates the locs at the encoder's means
+        for name, (_, scale) in start.items():  # leading dim: the data plate
+            deep_setattr(auto.scales, name, PyroParam(scale.clone(), auto.scale_constraint,
+                                                      event_dim=scale.dim() - 1))
+    return _fit_latents(model, auto, x, steps=steps, lr=lr, num_particles=num_particles)
+
+
+def amortized_posterior(guide: Callable, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """The encoder's posterior for ``x`` by latent site: ``(mean, standard deviation)``, each
+    of the site's shape (``(N,)`` or ``(N, dim)``)."""
+    with torch.no_grad():
+        trace = prune_subsample_sites(poutine.trace(guide).get_trace(x))
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, site in trace.iter_stochastic_nodes():
+        if site["infer"].get("_deterministic"):
+            continue
+        fn = site["fn"]
+        if not _is_real(fn.support):
+            raise ValueError(f"cannot refine latent {name!r}: its posterior has support "
+                             f"{fn.support}, not the real line")
+        out[name] = (fn.mean, fn.stddev)
+    return out
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _fit_latents(model: Callable, guide: AutoGuide, x: Tensor, *, steps: int, lr: float,
+                 num_particles: int) -> AutoGuide:
+    """Adam on ``guide``'s own parameters for the model's ELBO, model weights frozen."""
     fixed_model = poutine.block(model, hide_types=["param"])
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
     with frozen_parameters(model):
-        guide(x)  # creates the guide's parameters
+        guide(x)  # creates the guide's parameters, if not yet there
         optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
         for _ in range(steps):
             loss = elbo.differentiable_loss(fixed_model, guide, x)

@@ -33,6 +33,16 @@ def _positive(kind: type):
 _positive_int, _positive_float = _positive(int), _positive(float)
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _factors(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -142,7 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     metrics = evaluate(args.run, args.data, split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device,
-                       guide_steps=args.guide_steps, checkpoint=args.checkpoint)
+                       guide_steps=args.guide_steps, checkpoint=args.checkpoint,
+                       refine_steps=args.refine_steps)
     print(json.dumps(metrics, indent=2))
 
 
@@ -153,7 +164,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     report = diagnose(args.run, args.data, split=args.split, num_samples=args.samples,
                       iwae_particles=args.iwae_particles,
                       calibrate_on=None if args.calibrate_on == "none" else args.calibrate_on,
-                      out_dir=out, guide_steps=args.guide_steps)
+                      out_dir=out, guide_steps=args.guide_steps, refine_steps=args.refine_steps)
     print(json.dumps(report, indent=2))
     print(f"written to {out}")
 
@@ -266,6 +277,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
 
 
+def _add_refine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refine-steps", type=_non_negative_int, default=0,
+                        help="refine an amortized run's posterior per sequence for this many SVI "
+                        "steps, started from the encoder (semi-amortized inference; 0: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyro_physvae.autoguides import GUIDES
     from pyro_physvae.ode import METHODS
@@ -356,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--guide-steps", type=_positive_int, default=1000,
                    help="steps to fit an AutoGuide run's guide on the split")
+    _add_refine_argument(e)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("diagnose", help="ArviZ InferenceData, summaries, IWAE, calibration, figures")
@@ -366,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split on which to fit the interval widening ('none': raw intervals only)")
     d.add_argument("--guide-steps", type=_positive_int, default=1000,
                    help="steps to fit an AutoGuide run's guide on the split")
+    _add_refine_argument(d)
     d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
     d.set_defaults(func=cmd_diagnose)
 

@@ -22,7 +22,7 @@ import xarray as xr  # noqa: E402
 from pyro.nn import PyroModule  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from pyro_physvae.autoguides import fit_local_guide  # noqa: E402
+from pyro_physvae.autoguides import fit_local_guide, refine_amortized_guide  # noqa: E402
 from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
 from pyro_physvae.data.io import load_split  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
@@ -65,12 +65,19 @@ class Run:
         """A split of ``data_dir``, by default the directory the run was trained on."""
         return load_split(data_dir or self.checkpoint["data_dir"], split, system=self.system.name)
 
-    def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0) -> Callable:
-        """A guide over the latents of the sequences ``x``: the amortized encoder itself, or
-        an AutoGuide of the run's kind fitted with the model held fixed."""
-        if self.guide is not None:
-            return self.guide
-        return fit_local_guide(self.model, self.guide_kind, x, steps=steps, seed=seed)
+    def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0,
+                  refine_steps: int = 0) -> Callable:
+        """A guide over the latents of the sequences ``x``: the amortized encoder itself
+        (refined per sequence for ``refine_steps`` steps if that is positive, see
+        :func:`~pyro_physvae.autoguides.refine_amortized_guide`), or an AutoGuide of the
+        run's kind fitted with the model held fixed for ``steps`` steps."""
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+        if self.guide is None:
+            return fit_local_guide(self.model, self.guide_kind, x, steps=steps, seed=seed)
+        if refine_steps:
+            return refine_amortized_guide(self.model, self.guide, x, steps=refine_steps, seed=seed)
+        return self.guide
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
@@ -305,26 +312,31 @@ def write_json(obj: Any, path: Path) -> Path:
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
              num_samples: int = 100, out_dir: str | Path | None = None,
              checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
-             guide_steps: int = 1000, iwae_particles: int = 50) -> dict[str, Any]:
+             guide_steps: int = 1000, iwae_particles: int = 50,
+             refine_steps: int = 0) -> dict[str, Any]:
     """Evaluate a run on a split: writes ``metrics.json`` and figures to ``out_dir``
     (default ``run_dir/eval-<split>``) and returns the metrics, among them the mean IWAE
     log-likelihood per sequence (``iwae_particles`` importance samples), which compares
-    settings. An AutoGuide run fits its guide on the split first (``guide_steps`` steps)."""
+    settings. An AutoGuide run fits its guide on the split first (``guide_steps`` steps); an
+    amortized run's posterior is refined per sequence for ``refine_steps`` steps if that is
+    positive (semi-amortized inference; ``0``: the encoder's posterior as it is)."""
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = run.load(split, data_dir)
     x = run.system.observations(ds, device)
-    guide = run.guide_for(x, steps=guide_steps, seed=seed)
+    guide = run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
     if x.dim() == 4:  # images (N, bands, rows, cols): streamed summaries, image figures, traversals
         from pyro_physvae.images import evaluate_images
 
         out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
         return evaluate_images(run, guide, ds, x, out, split=split, num_samples=num_samples,
-                               iwae_particles=iwae_particles, seed=seed)
+                               iwae_particles=iwae_particles, seed=seed,
+                               refine_steps=refine_steps if run.guide is not None else 0)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
     iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
     metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
                "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
+               "refine_steps": refine_steps if run.guide is not None else 0,
                **compute_metrics(ds, x, draws, physics), "iwae_log_likelihood": _iwae_summary(iwae)}
     if run.system.covariates:
         metrics["latent_correlations"] = latent_correlations(
@@ -359,7 +371,7 @@ def energy_report(model: PyroModule, draws: dict[str, Tensor]) -> dict[str, Any]
 def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
              num_samples: int = 200, iwae_particles: int = 100, calibrate_on: str | None = "valid",
              out_dir: str | Path | None = None, checkpoint: str = "best.pt", seed: int = 0,
-             guide_steps: int = 1000) -> dict[str, Any]:
+             guide_steps: int = 1000, refine_steps: int = 0) -> dict[str, Any]:
     """Posterior diagnostics of a run on a split, written to ``out_dir``
     (default ``run_dir/diagnose-<split>``):
 
@@ -373,12 +385,18 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
       ``reconstructions.png`` (posterior-predictive bands over time);
     * ``diagnostics.json``: reconstruction metrics, IWAE test log-likelihood, coverages.
 
-    An AutoGuide run fits its guide on each split first (``guide_steps`` steps).
+    An AutoGuide run fits its guide on each split first (``guide_steps`` steps); an amortized
+    run's posterior is refined per sequence on each split for ``refine_steps`` steps if that
+    is positive (see :func:`evaluate`).
     """
     run = load_run(run_dir, checkpoint)
     ds = run.load(split, data_dir)
     x = run.system.observations(ds)
-    guide = run.guide_for(x, steps=guide_steps, seed=seed)
+
+    def guide_for(x: Tensor) -> Callable:
+        return run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
+
+    guide = guide_for(x)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"diagnose-{split}"
@@ -393,11 +411,12 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     report: dict[str, Any] = {
         "system": run.system.name, "setting": run.setting.value, "guide": run.guide_kind,
         "split": split, "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
+        "refine_steps": refine_steps if run.guide is not None else 0,
         **compute_metrics(ds, x, draws, physics),
         "iwae_log_likelihood": _iwae_summary(iwae),
     }
     report["calibration"] = _calibrate(run, draws, ds, physics, data_dir, calibrate_on, num_samples,
-                                       guide_steps, seed, out)
+                                       guide_for, seed, out)
     plot_reconstructions(ds, x, draws, out / "reconstructions.png")
     _plot_forest(idata, physics, ds, out / "posterior.png")
     az.plot_ppc(idata, num_pp_samples=min(50, num_samples), random_seed=seed)
@@ -413,9 +432,10 @@ def _iwae_summary(iwae: Tensor) -> dict[str, float]:
 
 
 def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tuple[str, ...],
-               data_dir: str | Path | None, calibrate_on: str | None, num_samples: int, guide_steps: int,
-               seed: int, out: Path) -> dict[str, Any]:
-    """Calibration tables of every physics parameter with a truth; see :func:`diagnose`."""
+               data_dir: str | Path | None, calibrate_on: str | None, num_samples: int,
+               guide_for: Callable[[Tensor], Callable], seed: int, out: Path) -> dict[str, Any]:
+    """Calibration tables of every physics parameter with a truth; see :func:`diagnose`.
+    ``guide_for(x)`` gives the guide for the calibration split's sequences ``x``."""
     names = [p for p in physics if p in ds]
     if not names:
         return {}
@@ -424,7 +444,7 @@ def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tupl
         cal_ds = run.load(calibrate_on, data_dir)
         if all(p in cal_ds for p in names):
             x_cal = run.system.observations(cal_ds)
-            guide = run.guide_for(x_cal, steps=guide_steps, seed=seed)
+            guide = guide_for(x_cal)
             held_out = (cal_ds, sample_posterior(run.model, guide, x_cal, num_samples, seed=seed + 1))
     result, rows = {}, []
     for name in names:

@@ -362,10 +362,11 @@ def plot_parameter_recovery(summary: Mapping[str, Tensor], ds: xr.Dataset, model
 # -- the whole evaluation ---------------------------------------------------------------------------
 def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: Path, *, split: str = "test",
                     num_samples: int = 100, iwae_particles: int = 50, seed: int = 0,
-                    n_traversal: int = 16) -> dict[str, Any]:
+                    n_traversal: int = 16, refine_steps: int = 0) -> dict[str, Any]:
     """Metrics and figures of an image run (see the module docs); writes ``metrics.json``,
     ``reconstructions.png``, ``generations.png`` and, with physics, ``traversals.png``,
-    ``<parameter>.png`` to ``out`` and returns the metrics."""
+    ``<parameter>.png`` to ``out`` and returns the metrics. ``refine_steps`` is recorded in
+    the metrics: the per-sequence refinement steps already given to ``guide``."""
     from pyro_physvae.evaluate import _iwae_summary, write_json
 
     model = run.model
@@ -373,6 +374,7 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
     metrics: dict[str, Any] = {
         "system": run.system.name, "setting": run.setting.value, "split": split,
         "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
+        "refine_steps": refine_steps,
         "n_sequences": int(x.shape[0]), "recon_mse": float((summary["x_mean"] - x).pow(2).mean())}
     if "x_P" in summary:
         metrics["physics_only_mse"] = float((summary["x_P"] - x).pow(2).mean())

@@ -419,6 +419,9 @@ def test_training_augments_each_epoch_and_evaluation_writes_image_reports(tiny_d
     out = tmp_path / "run" / "eval-test"
     for fig in ("reconstructions.png", "generations.png", "traversals.png", "theta.png", "e.png"):
         assert (out / fig).stat().st_size > 1000, fig
+    refined = evaluate(tmp_path / "run", split="test", num_samples=4, iwae_particles=2,
+                       refine_steps=3, out_dir=tmp_path / "refined")
+    assert refined["refine_steps"] == 3 and np.isfinite(refined["recon_mse"])
 
 
 def test_nn_only_evaluation_reports_images_without_physics(tiny_data_dir, tmp_path):

@@ -258,6 +258,10 @@ def test_evaluation_reports_latent_correlations_energy_and_physics_share(tiny_ru
     assert all(-1 <= r <= 1 for r in by_latent.values())
     assert m["energy"]["solver"] == "rk4" and m["energy"]["relative_drift_max"] >= 0
     assert m["physics_only_variance_explained"] <= 1
+    refined = evaluate(root / "run", split="test", num_samples=8, iwae_particles=4, refine_steps=20,
+                       out_dir=root / "refined")
+    assert refined["refine_steps"] == 20
+    assert refined["iwae_log_likelihood"]["mean"] > m["iwae_log_likelihood"]["mean"]
     assert (root / "run" / "eval-test" / "reconstructions.png").stat().st_size > 5000
 
 
