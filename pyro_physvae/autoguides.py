@@ -126,12 +126,12 @@ def refine_amortized_guide(
     guide: Callable,
     x: Tensor,
     *,
-    steps: int = 200,
+    steps: int = 500,
     lr: float = 1e-2,
     num_particles: int = 1,
     seed: int = 0,
 ) -> AutoNormal:
-    """Semi-amortized inference: refine the amortized posterior of the sequences ``x`` one by one.
+    """Semi-amortized inference: refine the amortized posterior of each of the sequences ``x``.
 
     An ``auto-normal`` guide (one Normal per latent element of every sequence) is started at
     the means and standard deviations that the amortized ``guide`` gives for ``x``, then
