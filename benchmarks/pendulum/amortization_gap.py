@@ -2,11 +2,12 @@
 the decoder.
 
     python benchmarks/pendulum/amortization_gap.py RUN [RUN ...] [--steps 500] [--n 500]
+        [--splits train,valid,test]
 
-For each run (best-validation checkpoint) and each split (train, valid, test; the first ``--n``
-sequences of each), prints the training objective per sequence (ELBO plus regularizers, as in
-the trainer's ``val_loss``) and the reconstruction MSE of the posterior-mean latents, once with
-the encoder's posterior and once with that posterior refined per sequence for ``--steps`` steps
+For each run (best-validation checkpoint) and each split (the first ``--n`` sequences of
+each), prints the training objective per sequence (ELBO plus regularizers, as in the
+trainer's ``val_loss``) and the reconstruction MSE of the posterior-mean latents, once with the
+encoder's posterior and once with that posterior refined per sequence for ``--steps`` steps
 with the trained model fixed (:func:`pyro_physvae.autoguides.refine_amortized_guide`), and the
 time the refinement took (one torch thread).
 
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("runs", nargs="+")
     p.add_argument("--steps", type=int, default=500, help="refinement steps")
     p.add_argument("--n", type=int, default=500, help="sequences per split")
+    p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
     args = p.parse_args()
     torch.set_num_threads(1)
     for path in args.runs:
@@ -48,7 +50,7 @@ def main() -> None:
                          run.model)
         print(f"run {path} (epoch {run.checkpoint['epoch']}), first {args.n} sequences per split, "
               f"{args.steps} refinement steps")
-        for split in SPLITS:
+        for split in args.splits.split(","):
             x = run.system.observations(run.load(split))[: args.n]
             torch.manual_seed(0)
             with torch.no_grad():
