@@ -167,9 +167,7 @@ def amortized_posterior(guide: Callable, x: Tensor) -> dict[str, tuple[Tensor, T
     with torch.no_grad():
         trace = prune_subsample_sites(poutine.trace(guide).get_trace(x))
     out: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, site in trace.iter_stochastic_nodes():
-        if site["infer"].get("_deterministic"):
-            continue
+    for name, site in trace.iter_stochastic_nodes():  # recorded curves are observed sites
         fn = site["fn"]
         if not _is_real(fn.support):
             raise ValueError(f"cannot refine latent {name!r}: its posterior has support "

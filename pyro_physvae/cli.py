@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pyro_physvae.settings import SETTINGS
@@ -15,32 +16,23 @@ QUICKSTART_SIZES = {"n_train": 500, "n_valid": 200, "n_test": 200}
 QUICKSTART_EPOCHS = 150
 
 
-def _positive(kind: type):
-    """An argparse type: a positive number of ``kind`` (int or float)."""
+def _number(kind: type, what: str, ok: Callable[[float], bool]):
+    """An argparse type: a number of ``kind`` (int or float) for which ``ok`` holds, described
+    as ``what`` in the error message."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, "
-                                             f"got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, "
-                                             f"got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
     return parse
 
 
-_positive_int, _positive_float = _positive(int), _positive(float)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+_positive_int = _number(int, "a positive integer", lambda v: v > 0)
+_positive_float = _number(float, "a positive number", lambda v: v > 0)
+_non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 
 
 def _factors(text: str) -> tuple[float, ...]:

@@ -79,6 +79,11 @@ class Run:
             return refine_amortized_guide(self.model, self.guide, x, steps=refine_steps, seed=seed)
         return self.guide
 
+    def applied_refine_steps(self, refine_steps: int) -> int:
+        """The refinement steps :meth:`guide_for` applies: ``refine_steps`` for an amortized
+        run, none for an AutoGuide run (its guide is fitted to the sequences anyway)."""
+        return refine_steps if self.guide is not None else 0
+
 
 def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
     """Rebuild the model and guide of ``run_dir`` from ``checkpoint`` (weights only)."""
@@ -330,13 +335,13 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
         out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
         return evaluate_images(run, guide, ds, x, out, split=split, num_samples=num_samples,
                                iwae_particles=iwae_particles, seed=seed,
-                               refine_steps=refine_steps if run.guide is not None else 0)
+                               refine_steps=run.applied_refine_steps(refine_steps))
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
     physics = tuple(p.name for p in run.model.physics_parameters)
     iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
     metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
                "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
-               "refine_steps": refine_steps if run.guide is not None else 0,
+               "refine_steps": run.applied_refine_steps(refine_steps),
                **compute_metrics(ds, x, draws, physics), "iwae_log_likelihood": _iwae_summary(iwae)}
     if run.system.covariates:
         metrics["latent_correlations"] = latent_correlations(
@@ -411,7 +416,7 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     report: dict[str, Any] = {
         "system": run.system.name, "setting": run.setting.value, "guide": run.guide_kind,
         "split": split, "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
-        "refine_steps": refine_steps if run.guide is not None else 0,
+        "refine_steps": run.applied_refine_steps(refine_steps),
         **compute_metrics(ds, x, draws, physics),
         "iwae_log_likelihood": _iwae_summary(iwae),
     }

@@ -145,6 +145,7 @@ def test_evaluate_refits_autoguide_on_the_split(tiny_data_dir, tmp_path):
     x = run.system.observations(ds)
     guide = run.guide_for(x, steps=5)
     assert isinstance(guide, AutoDiagonalNormal)
+    assert run.applied_refine_steps(7) == 0  # its guide is fitted to the split, never refined
     assert guide(x)["omega"].shape == (x.shape[0],)
 
 
@@ -202,6 +203,7 @@ def test_refine_steps_in_evaluate_and_the_cli(tiny_data_dir, tmp_path, capsys):
     assert report["refine_steps"] == 3 and "widening_factor" in report["calibration"]["omega"]
     with pytest.raises(ValueError, match="refine_steps must be >= 0"):
         load_run(tmp_path).guide_for(torch.zeros(2, 20), refine_steps=-1)
+    assert load_run(tmp_path).applied_refine_steps(7) == 7
 
 
 def test_refinement_refuses_latents_off_the_real_line():
