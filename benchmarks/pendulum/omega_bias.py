@@ -1,6 +1,7 @@
 """Where the pendulum's omega bias comes from.
 
     python benchmarks/pendulum/omega_bias.py [RUN] [--checkpoint best.pt] [--data DIR]
+    python benchmarks/pendulum/omega_bias.py --missing-physics [--data DIR]
 
 The trained phys+nn+reg model underestimates omega (mean error about -0.15 to -0.19 rad/s,
 growing with omega and with the damping). This script separates what the data do from what
@@ -17,6 +18,11 @@ the model does, on the test split:
 
 Each line gives the mean error, MAE, and the correlations of the error with the true omega
 and the damping.
+
+``--missing-physics`` asks which part of the missing physics biases the least-squares fit:
+it re-simulates the test split's sequences without noise from their true parameters, as they
+are and with the damping, the forcing or both switched off, and fits each set with the RK4
+physics-only curve. No run is needed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 
 from pyro_physvae.data.io import load_split
+from pyro_physvae.data.pendulum import forced_damped_pendulum
 from pyro_physvae.evaluate import load_run
 from pyro_physvae.models.pendulum import PendulumModel
 
@@ -50,11 +57,32 @@ def report(name: str, estimate: torch.Tensor, truth: np.ndarray, damping: np.nda
           f"r(err, damping) {np.corrcoef(err, damping)[0, 1]:+.2f}", flush=True)
 
 
+def missing_physics(ds) -> None:
+    """Least-squares fits (RK4) to noise-free re-simulations of ``ds`` with parts switched off."""
+    params = {k: torch.tensor(ds[k].values, dtype=torch.float64)
+              for k in ("init", "omega", "damping", "forcing_amplitude", "forcing_frequency")}
+    t = torch.tensor(ds["time"].values, dtype=torch.float64)
+    truth, damping = ds["omega"].values, ds["damping"].values
+    model = PendulumModel("phys-only", method="rk4")
+    for name, keep_damping, keep_forcing in (("damped, forced", True, True),
+                                             ("damped only", True, False),
+                                             ("forced only", False, True),
+                                             ("neither", False, False)):
+        xi = params["damping"] * keep_damping
+        amplitude = params["forcing_amplitude"] * keep_forcing
+        clean = forced_damped_pendulum(params["init"], params["omega"], xi, amplitude,
+                                       params["forcing_frequency"], t).float()
+        report(f"least-squares fit (rk4) to clean {name}",
+               least_squares_omega(model, clean[:, 0], clean), truth, damping)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default=str(HERE / "out_v2" / "phys+nn+reg"))
     p.add_argument("--checkpoint", default="best.pt")
     p.add_argument("--data", default=str(HERE / "out" / "data"))
+    p.add_argument("--missing-physics", action="store_true",
+                   help="only split the least-squares bias between damping and forcing")
     args = p.parse_args()
     torch.set_num_threads(1)
     ds = load_split(args.data, "test", system="pendulum")
@@ -62,6 +90,9 @@ def main() -> None:
     init = x[:, 0]
     truth, damping = ds["omega"].values, ds["damping"].values
     print(f"test split of {args.data}: {len(truth)} sequences")
+    if args.missing_physics:
+        missing_physics(ds)
+        return
     for method, substeps in (("euler", 1), ("euler", 4), ("midpoint", 1), ("rk4", 1)):
         model = PendulumModel("phys-only", method=method, substeps=substeps)
         report(f"least-squares physics-only fit ({method} x{substeps})",
