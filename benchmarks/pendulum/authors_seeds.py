@@ -21,8 +21,9 @@ same treatment, so that the spread over seeds can be compared.
    reconstruction decodes the encoder's means. Results go to ``WORK/authors_seeds.json`` and
    are printed, one line per seed and a mean.
 
-Our own evaluation averages 100 posterior draws per sequence; with posteriors this narrow
-(omega sd about 0.01 rad/s) the two readings differ by far less than the seeds do.
+Our own evaluation averages 100 posterior draws per sequence. With posteriors this narrow (90%
+intervals of omega about 0.01 rad/s wide) the two readings agree: on our seed-0 run the
+encoder's mean gives an omega MAE of 0.1192 (``omega_bias.py``) and ``physvae evaluate`` 0.119.
 """
 
 from __future__ import annotations
