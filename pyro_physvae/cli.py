@@ -269,7 +269,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
 
 
-def _add_refine_argument(parser: argparse.ArgumentParser) -> None:
+def _add_guide_arguments(parser: argparse.ArgumentParser) -> None:
+    """How ``evaluate`` and ``diagnose`` get the posterior of a split's sequences."""
+    parser.add_argument("--guide-steps", type=_positive_int, default=1000,
+                        help="steps to fit an AutoGuide run's guide on the split")
     parser.add_argument("--refine-steps", type=_non_negative_int, default=0,
                         help="refine an amortized run's posterior per sequence for this many SVI "
                         "steps, started from the encoder (semi-amortized inference; 0: off)")
@@ -363,9 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the best-validation checkpoint or the last one")
     e.add_argument("--out", default=None)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--guide-steps", type=_positive_int, default=1000,
-                   help="steps to fit an AutoGuide run's guide on the split")
-    _add_refine_argument(e)
+    _add_guide_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("diagnose", help="ArviZ InferenceData, summaries, IWAE, calibration, figures")
@@ -374,9 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iwae-particles", type=_positive_int, default=100)
     d.add_argument("--calibrate-on", default="valid", choices=["train", "valid", "test", "none"],
                    help="split on which to fit the interval widening ('none': raw intervals only)")
-    d.add_argument("--guide-steps", type=_positive_int, default=1000,
-                   help="steps to fit an AutoGuide run's guide on the split")
-    _add_refine_argument(d)
+    _add_guide_arguments(d)
     d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
     d.set_defaults(func=cmd_diagnose)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from vs_authors import AUTHORS_FLAGS, ONE_THREAD
+from vs_authors import AUTHORS_FLAGS, ONE_THREAD, log_rows
 
 from pyro_physvae.data.io import load_split
 
@@ -56,19 +56,11 @@ def export_data(data: Path, target: Path) -> None:
         (target / f"args_{split}.json").write_text(json.dumps({"dt": dt, "name": split}))
 
 
-def epochs_logged(run: Path) -> int:
-    """Number of finished epochs in the authors' ``log.txt`` (0 when there is none)."""
-    log = run / "log.txt"
-    if not log.is_file():
-        return 0
-    return sum(1 for line in log.read_text().splitlines() if line.strip() and not line.startswith("#"))
-
-
 def train_seeds(authors: Path, data: Path, work: Path, seeds: list[int], epochs: int, jobs: int) -> None:
     """Train the seeds whose runs are not complete, ``jobs`` at a time, one thread each."""
     code = ONE_THREAD.format(script="physvae/pendulum/train.py", module="physvae.pendulum.train")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    todo = [s for s in seeds if epochs_logged(work / f"seed{s}") < epochs]
+    todo = [s for s in seeds if len(log_rows(work / f"seed{s}")) < epochs]
     running: list[tuple[int, subprocess.Popen]] = []
     while todo or running:
         while todo and len(running) < jobs:
@@ -105,8 +97,7 @@ def evaluate_run(authors: Path, run: Path, x: torch.Tensor, omega_true: np.ndarr
         omega, z_aux1, z_aux2 = model.draw(omega_stat, aux1_stat, aux2_stat, hard_z=True)
         x_mean, _ = model.decode(omega, z_aux1, z_aux2, x[:, :1].clone(), full=False)
     err = omega.squeeze(-1).numpy() - omega_true
-    rows = [line.split() for line in (run / "log.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    rows = log_rows(run)
     valid = np.array([float(r[6]) for r in rows])
     return {"epochs": len(rows), "best_epoch": int(valid.argmin()) + 1,
             "recon_mse": float((x_mean - x).pow(2).mean()),

@@ -45,6 +45,16 @@ ONE_THREAD = ("import runpy, sys, torch; torch.set_num_threads(1); torch.set_num
               "sys.argv[0] = {script!r}; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
 
 
+def log_rows(run: Path) -> list[list[str]]:
+    """The epoch rows of the authors' ``log.txt`` in ``run``, split into columns (epoch, six
+    losses, cumulative training time [s]); none when there is no log."""
+    log = run / "log.txt"
+    if not log.is_file():
+        return []
+    lines = log.read_text().splitlines()
+    return [line.split() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def run_one_thread(cmd: list[str], cwd: Path | None = None) -> None:
     """Run ``cmd`` with one OpenMP/MKL thread; on failure, raise with the end of its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -64,8 +74,7 @@ def authors_epoch_time(authors: Path, epochs: int) -> float:
         cmd = [sys.executable, "-c", code, "--datadir", "./data/pendulum/", "--outdir", out,
                "--epochs", str(epochs), *AUTHORS_FLAGS]
         run_one_thread(cmd, cwd=authors)
-        rows = [line.split() for line in (Path(out) / "log.txt").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+        rows = log_rows(Path(out))
     total = np.array([float(r[-1]) for r in rows])
     return float(np.median(np.diff(total, prepend=0.0)[WARMUP:]))
 
