@@ -62,7 +62,9 @@ class AdvDifModel(PhysVAEModel):
     """
 
     x_event_dim = 2
+    observation_dims = ("space", "time")
     init_event_dim = 1
+    reg_weights = (1e-1, 1e6, 1e-2)  # the reference's alpha, beta, gamma
     supports_rollout = True
 
     def __init__(
@@ -93,8 +95,8 @@ class AdvDifModel(PhysVAEModel):
             raise ValueError(f"dx must be positive, got {dx}")
         if dim_z_aux1 < 0:
             raise ValueError(f"dim_z_aux1 must be non-negative, got {dim_z_aux1}")
-        self._setup_time_and_solver(n_steps, dt, method, substeps, rtol, atol)
-        self._setup_noise(x_lnvar, learn_noise)
+        self.setup_time_grid(n_steps, dt, method, substeps, rtol, atol)
+        self.setup_noise(x_lnvar, learn_noise)
         self.n_grid, self.dx = int(n_grid), float(dx)
         self.diffusion = diffusion
         self.dim_z_aux1 = dim_z_aux1 + (0 if self.setting.has_physics else 1)
@@ -198,7 +200,7 @@ class AdvDifModel(PhysVAEModel):
 
     def _solve(self, rhs, y0: Tensor, t: Tensor) -> Tensor:
         """Integrate and return fields ``(..., B, D, T)`` (space before time, as in ``x``)."""
-        return self._integrate(rhs, y0, t).transpose(-1, -2)
+        return self.solve(rhs, y0, t).transpose(-1, -2)
 
     # -- the Pyro model ------------------------------------------------------------------
     def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor], *,

@@ -135,7 +135,12 @@ class GalaxyModel(PhysVAEModel):
     """
 
     x_event_dim = 3
+    observation_dims = ("band", "row", "col")
     init_event_dim = None
+    # The reference's (1e-1, 1e3, 1) in this library's units: R_DA,2 sums the squared errors
+    # of the 4 parameters where the reference averages them (1e3 / 4), and R_DA,1 compares the
+    # one unmixed band with the 3 bands of x_P where the reference compares it with one (1 / 3).
+    reg_weights = (1e-1, 250.0, 1.0 / 3.0)
 
     def __init__(
         self,
@@ -162,7 +167,7 @@ class GalaxyModel(PhysVAEModel):
         if dim_z_aux2 < 0:
             raise ValueError(f"dim_z_aux2 must be non-negative, got {dim_z_aux2}")
         self.image_size = int(image_size)
-        self._setup_noise(x_lnvar, learn_noise)
+        self.setup_noise(x_lnvar, learn_noise)
         self._physics = _with_ranges(PHYSICS, ranges)
         self.dim_z_aux2 = int(dim_z_aux2) + (0 if s.has_physics else len(PHYSICS))
         self.aux_dims = {"z_A2": self.dim_z_aux2} if s.has_nn and self.dim_z_aux2 > 0 else {}

@@ -77,7 +77,9 @@ class LocomotionModel(PhysVAEModel):
     """
 
     x_event_dim = 2
+    observation_dims = ("joint", "time")
     init_event_dim = None
+    reg_weights = (1e-1, 0.0, 0.0)  # the reference's R_ppc weight; no R_DA terms
 
     def __init__(
         self,
@@ -107,8 +109,8 @@ class LocomotionModel(PhysVAEModel):
                 raise ValueError(f"{name} must be positive, got {value}")
         if dim_z_phys < 0 or dim_z_aux2 < 1:
             raise ValueError(f"dim_z_phys must be >= 0 and dim_z_aux2 >= 1, got {dim_z_phys}, {dim_z_aux2}")
-        self._setup_time_and_solver(n_steps, dt, method, substeps, rtol, atol)
-        self._setup_noise(x_lnvar, learn_noise)
+        self.setup_time_grid(n_steps, dt, method, substeps, rtol, atol)
+        self.setup_noise(x_lnvar, learn_noise)
         self.n_joints, self.dim_q = int(n_joints), int(dim_q)
         self.dim_z_phys = int(dim_z_phys) if s.has_physics else 0
         self.dim_z_aux2 = int(dim_z_aux2)
@@ -170,7 +172,7 @@ class LocomotionModel(PhysVAEModel):
 
     def trajectory(self, y0: Tensor, z_phys: Tensor | None, t: Tensor | None = None) -> Tensor:
         """Physics-only states ``(..., B, T, 2 dim_q)`` from ``y0 (..., B, 2 dim_q)``."""
-        return self._integrate(self.hamiltonian_field(self.energy_function(z_phys)), y0, t)
+        return self.solve(self.hamiltonian_field(self.energy_function(z_phys)), y0, t)
 
     def angles(self, q: Tensor) -> Tensor:
         """Joint angles ``(..., n_joints, T)`` [rad] from coordinates ``q (..., T, dim_q)``."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pyro_physvae.ode import check_method, integrate, time_grid
 from pyro_physvae.physics import PhysicalParameter
-from pyro_physvae.regularizers import guide_deterministic
+from pyro_physvae.regularizers import ComponentCall
 from pyro_physvae.settings import Setting
 from pyro_physvae.validation import check_positive_int, check_sequences
 
@@ -48,23 +48,44 @@ class PhysVAEModel(PyroModule):
       for the settings that have them (default: none);
     * ``physics_parameters``: the physics latents, as a property (empty for ``nn-only``);
 
-    and implement :meth:`decode_sites`; ``_setup_time_and_solver`` and ``_setup_noise`` set
-    the time grid, solver options and observation noise. Class attributes:
-    ``x_event_dim`` (rank of one observation: 1 for a series ``(T,)``, 2 for a field ``(X,
-    T)``), ``init_event_dim`` (rank of the initial state read from it; ``None`` for a
-    system that reads none: static physics, or a latent initial state) and
-    ``supports_rollout``. Static systems need no time grid: they skip
-    ``_setup_time_and_solver`` and leave ``n_steps`` unset.
+    and implement :meth:`decode_sites`. The building blocks :meth:`setup_time_grid` (time
+    grid and ODE solver options), :meth:`setup_noise` (observation noise) and :meth:`solve`
+    (integration with those options) are public, for models outside this package.
+
+    Class attributes:
+
+    * ``x_event_dim``: rank of one observation (1 for a series ``(T,)``, 2 for a field
+      ``(X, T)`` or channels ``(C, T)``, 3 for an image ``(C, H, W)``);
+    * ``observation_dims``: the names of those dimensions, as in the data sets
+      (``("time",)``, ``("space", "time")``, ...); ArviZ output and NUTS use them;
+    * ``init_event_dim``: rank of the initial state read off ``x`` (``None`` for a system
+      that reads none: static physics, or a latent initial state);
+    * ``reg_weights``: the default regularizer weights ``(alpha, beta, gamma)`` of
+      phys+nn+reg (R_ppc, R_DA,2, R_DA,1), in the reference's units (relative to the sum of
+      squared errors; see :mod:`pyro_physvae.regularizers`);
+    * ``supports_rollout``: ``decode_sites`` takes ``n_steps=`` and can run past the window.
+
+    Static systems need no time grid: they skip :meth:`setup_time_grid` and leave
+    ``n_steps`` unset.
     """
 
     x_event_dim: int = 1
+    observation_dims: tuple[str, ...] = ("time",)
     init_event_dim: int | None = 0
     state_dims: Mapping[str, int] = {}
+    #: The paper's pendulum weights; systems set their own.
+    reg_weights: tuple[float, float, float] = (1e-2, 1e-1, 1e-3)
     #: ``decode_sites`` takes ``n_steps=`` and can run past the training window.
     supports_rollout: bool = False
     setting: Setting
     n_steps: int
     aux_dims: dict[str, int]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if len(cls.observation_dims) != cls.x_event_dim:
+            raise TypeError(f"{cls.__name__}.observation_dims {cls.observation_dims} must name "
+                            f"x_event_dim = {cls.x_event_dim} dimension(s)")
 
     @property
     def physics_parameters(self) -> tuple[PhysicalParameter, ...]:
@@ -76,19 +97,67 @@ class PhysVAEModel(PyroModule):
         return (tuple(p.name for p in self.physics_parameters) + tuple(self.state_dims)
                 + tuple(self.aux_dims))
 
+    def latent_event_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The event shape of each latent site: ``()`` for a physics parameter, ``(dim,)``
+        for a state or auxiliary latent."""
+        return {**{p.name: () for p in self.physics_parameters},
+                **{k: (int(v),) for k, v in {**self.state_dims, **self.aux_dims}.items()}}
+
+    def observation_coords(self) -> dict[str, Tensor]:
+        """Coordinates of the observation dimensions that the model knows: ``time`` (the
+        observation times [s]) for a model with a time grid."""
+        t = getattr(self, "t", None)
+        return {"time": t} if t is not None and "time" in self.observation_dims else {}
+
     def decode_sites(self, init: Tensor | None, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Curves (at least ``x_mean``) from the observed initial state (``None`` for a
         system that reads none) and the latents named by site."""
         raise NotImplementedError
 
+    def simulate_augmentation(self, init: Tensor | None, size: int | None = None
+                              ) -> tuple[dict[str, Tensor], Tensor]:
+        """Physics-only data for R_DA,2 (:class:`~pyro_physvae.regularizers.PhysicsAugmentation`):
+        each physics parameter uniform over its range, the auxiliary and state latents at
+        zero, decoded from the initial states ``init (..., B, *init_event)`` (or, for a system
+        that reads none, for ``size`` rows).
+
+        Returns ``({name: (..., B)}, x_P (..., B, *event))``. This default decodes with
+        :meth:`decode_sites` and keeps its ``x_P``; override it where a physics-only solve
+        is cheaper.
+        """
+        if init is None:
+            if size is None:
+                raise ValueError("give the initial states init or the number of rows size")
+            batch, like = (int(size),), self._dtype_probe()
+        else:
+            batch, like = init.shape[:init.dim() - (self.init_event_dim or 0)], init
+        truth = {p.name: p.sample_uniform(batch, dtype=like.dtype, device=like.device)
+                 for p in self.physics_parameters}
+        rest = {k: like.new_zeros(*batch, d) for k, d in {**self.state_dims, **self.aux_dims}.items()}
+        curves = self.decode_sites(init, {**truth, **rest})
+        if "x_P" not in curves:
+            raise ValueError(f"{type(self).__name__}.decode_sites records no physics-only x_P")
+        return truth, curves["x_P"]
+
     def noise_scale(self) -> Tensor:
         """Standard deviation of the Gaussian observation noise."""
         return torch.exp(0.5 * self.x_lnvar)
 
-    def _setup_time_and_solver(self, n_steps: int, dt: float, method: str, substeps: int,
-                               rtol: float, atol: float) -> None:
-        """Check and keep the time grid and the ODE solver options; registers the buffer
-        ``t`` of observation times."""
+    def setup_time_grid(self, n_steps: int, dt: float, method: str = "euler", substeps: int = 1,
+                        rtol: float = 1e-5, atol: float = 1e-6) -> None:
+        """Check and keep the time grid and the ODE solver options (call in ``__init__``).
+
+        Args:
+            n_steps: observed time steps T (at least 2), the last axis of ``x``.
+            dt: their interval [s].
+            method: a solver of :data:`pyro_physvae.ode.METHODS` (native fixed-step
+                ``euler``, ``midpoint``, ``rk4``, or any torchdiffeq method).
+            substeps: fixed-step solver steps per observation interval.
+            rtol, atol: tolerances of adaptive solvers.
+
+        Sets ``n_steps``, ``dt``, ``method``, ``substeps``, ``rtol``, ``atol`` and registers
+        the buffer ``t (T,)`` of observation times ``0, dt, ..., (T - 1) dt``.
+        """
         if n_steps < 2:
             raise ValueError(f"n_steps must be at least 2, got {n_steps}")
         for name, value in (("dt", dt), ("rtol", rtol), ("atol", atol)):
@@ -101,17 +170,19 @@ class PhysVAEModel(PyroModule):
         self.rtol, self.atol = float(rtol), float(atol)
         self.register_buffer("t", time_grid(self.n_steps, self.dt))
 
-    def _setup_noise(self, x_lnvar: float, learn_noise: bool) -> None:
-        """The observation noise's log variance: a learnt parameter or a fixed buffer."""
+    def setup_noise(self, x_lnvar: float, learn_noise: bool = False) -> None:
+        """The observation noise ``x ~ Normal(x_mean, exp(x_lnvar / 2))``: its log variance
+        as a learnt parameter (``learn_noise``) or a fixed buffer ``x_lnvar``."""
         lnvar = torch.tensor(float(x_lnvar))
         if learn_noise:
             self.x_lnvar = PyroParam(lnvar)
         else:
             self.register_buffer("x_lnvar", lnvar)
 
-    def _integrate(self, rhs, y0: Tensor, t: Tensor | None = None) -> Tensor:
-        """Solve with the model's solver options on ``t`` (default: the observation times);
-        returns ``(..., T, D)``."""
+    def solve(self, rhs, y0: Tensor, t: Tensor | None = None) -> Tensor:
+        """Solve ``dy/dt = rhs(t, y)`` from ``y0 (..., D)`` with the model's solver options
+        on ``t`` (default: the observation times); returns ``(..., T, D)``, time before the
+        state (see :func:`pyro_physvae.ode.integrate`)."""
         return integrate(rhs, y0, self.t if t is None else t, method=self.method,
                          substeps=self.substeps, rtol=self.rtol, atol=self.atol,
                          uniform=True if t is None else None)  # self.t is evenly spaced
@@ -168,10 +239,11 @@ class PhysVAEModel(PyroModule):
             raise ValueError(f"priors given for {sorted(unknown)}, which are not physics "
                              f"parameters of this model ({list(self.latent_sites)})")
         latents: dict[str, Tensor] = {}
+        call = ComponentCall(self)
         with pyro.plate("data", n, subsample=subsample) as idx:
             init_b = None
             if init is not None:
-                init_b = pyro.deterministic("init", init[idx], event_dim=self.init_event_dim)
+                init_b = call.record("init", init[idx], event_dim=self.init_event_dim)
             for name, dim in {**self.state_dims, **self.aux_dims}.items():
                 latents[name] = pyro.sample(name, standard_normal(dim, like))
             for p in self.physics_parameters:
@@ -179,7 +251,7 @@ class PhysVAEModel(PyroModule):
                 latents[p.name] = pyro.sample(p.name, prior)
             curves = self.decode_sites(init_b, latents)
             for name, value in curves.items():
-                pyro.deterministic(name, value, event_dim=self.x_event_dim)
+                call.record(name, value, event_dim=self.x_event_dim)
             x_b = None if x is None else x[idx]
             obs = dist.Normal(curves["x_mean"], self.noise_scale()).to_event(self.x_event_dim)
             pyro.sample("x", obs, obs=x_b)
@@ -267,6 +339,7 @@ class PhysVAEGuide(PyroModule):
             raise ValueError("the amortized guide needs the observations x")
         s = self.setting
         out: dict[str, Tensor] = {}
+        call = ComponentCall(self)
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
             x_b = x[idx]
             signal, locs, h = x_b, {}, self.features(x_b)
@@ -276,8 +349,7 @@ class PhysVAEGuide(PyroModule):
                 out[site] = pyro.sample(site, dist.Normal(loc, scale).to_event(1))
             if s.has_physics:
                 if s.has_nn and self.unmixes:
-                    signal = guide_deterministic("unmixed", self.unmix(x_b, locs),
-                                                 event_dim=self.x_event_dim)
+                    signal = call.record("unmixed", self.unmix(x_b, locs), event_dim=self.x_event_dim)
                 for name, (loc, scale) in self.physics_posterior(signal).items():
                     out[name] = pyro.sample(name, dist.Normal(loc, scale))
         return out

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyro_physvae.settings import SETTINGS
-from pyro_physvae.systems import SYSTEMS
+from pyro_physvae.systems import get_system, load_plugin, registered_systems
 
 QUICKSTART_SIZES = {"n_train": 500, "n_valid": 200, "n_test": 200}
 QUICKSTART_EPOCHS = 150
@@ -45,14 +45,26 @@ def _factors(text: str) -> tuple[float, ...]:
     return values
 
 
+def cmd_systems(args: argparse.Namespace) -> None:
+    """List the systems available now, with where each comes from."""
+    for name in registered_systems():
+        system = get_system(name)
+        source = system.source
+        where = source.get("path") or source.get("value") or source.get("module") or source["kind"]
+        model = system.model_cls
+        print(f"{name:<16} {model.__module__}.{model.__name__}  ({where})")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from pyro_physvae.data.io import save_dataset
-    from pyro_physvae.systems import get_system
 
     sizes = {k: v for k, v in (("n_train", args.n_train), ("n_valid", args.n_valid),
                                ("n_test", args.n_test), ("n_steps", args.n_steps))
              if v is not None}
-    for split, ds in get_system(args.system).generate(seed=args.seed, **sizes).items():
+    system = get_system(args.system)
+    if system.generate is None:
+        raise ValueError(f"system {system.name!r} has no data generator (System.generate)")
+    for split, ds in system.generate(seed=args.seed, **sizes).items():
         path = save_dataset(ds, Path(args.out) / f"{split}.nc")
         print(f"wrote {path} ({ds.sizes['sequence']} sequences)")
 
@@ -122,7 +134,6 @@ def model_option_arg(text: str) -> tuple[str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pyro_physvae.systems import get_system
     from pyro_physvae.train import train
 
     system = get_system(args.system)
@@ -199,7 +210,6 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     """Generate pendulum data, train phys+nn+reg briefly, evaluate, write a report."""
     from pyro_physvae.data.io import save_dataset
     from pyro_physvae.evaluate import counterfactual, evaluate
-    from pyro_physvae.systems import get_system
     from pyro_physvae.train import TrainConfig, train
 
     out = Path(args.out)
@@ -278,16 +288,26 @@ def _add_guide_arguments(parser: argparse.ArgumentParser) -> None:
                         "steps, started from the encoder (semi-amortized inference; 0: off)")
 
 
+_SYSTEM_HELP = ("a built-in system (pendulum, advdif, locomotion, galaxy), one registered by a "
+                "--plugin, one offered by an installed package, or module:attribute")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pyro_physvae.autoguides import GUIDES
     from pyro_physvae.ode import METHODS
     from pyro_physvae.train import ELBOS
 
     p = argparse.ArgumentParser(prog="physvae", description="Physics-integrated VAEs in Pyro.")
+    p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                   help="a Python file or module that registers systems (register_system); "
+                   "repeatable. Runs trained on such a system reload it by themselves.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    ls = sub.add_parser("systems", help="list the available systems (built in and from --plugin)")
+    ls.set_defaults(func=cmd_systems)
+
     g = sub.add_parser("generate", help="generate a synthetic data set (train/valid/test .nc)")
-    g.add_argument("--system", choices=SYSTEMS, default="pendulum")
+    g.add_argument("--system", default="pendulum", help=_SYSTEM_HELP)
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--seed", type=int, default=0)
     for name in ("n-train", "n-valid", "n-test", "n-steps"):
@@ -299,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("source", help="pendulum: data_<split>.txt and true_params_<split>.txt; "
                     "advdif: data_<split>.npy, args_<split>.json and true_params_<split>.txt; "
                     "locomotion: <split>.npy or data_<split>.mat, and props_<split>.txt")
-    it.add_argument("--system", choices=SYSTEMS, default="pendulum")
+    it.add_argument("--system", default="pendulum", help=_SYSTEM_HELP)
     it.add_argument("--out", required=True)
     it.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
     it.add_argument("--dt", type=_positive_float, default=None,
@@ -323,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     gx.set_defaults(func=cmd_import_galaxy10)
 
     t = sub.add_parser("train", help="train a model/guide pair with SVI")
-    t.add_argument("--system", choices=SYSTEMS, default="pendulum")
+    t.add_argument("--system", default="pendulum", help=_SYSTEM_HELP)
     t.add_argument("--setting", choices=SETTINGS, default="phys+nn+reg")
     t.add_argument("--data", required=True, help="directory with train.nc and valid.nc")
     t.add_argument("--out", required=True, help="run directory for checkpoints")
@@ -423,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for plugin in args.plugin:
+            load_plugin(plugin)
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"physvae {args.command}: error: {e}", file=sys.stderr)

@@ -24,7 +24,6 @@ from torch import Tensor  # noqa: E402
 
 from pyro_physvae.autoguides import fit_local_guide, refine_amortized_guide  # noqa: E402
 from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
-from pyro_physvae.data.io import load_split  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
     calibration,
     central_interval,
@@ -63,7 +62,7 @@ class Run:
 
     def load(self, split: str, data_dir: str | Path | None = None) -> xr.Dataset:
         """A split of ``data_dir``, by default the directory the run was trained on."""
-        return load_split(data_dir or self.checkpoint["data_dir"], split, system=self.system.name)
+        return self.system.load_split(data_dir or self.checkpoint["data_dir"], split)
 
     def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0,
                   refine_steps: int = 0) -> Callable:
@@ -91,7 +90,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     state = load_checkpoint(run_dir / checkpoint, map_location=device)
-    system = get_system(state["system"])
+    system = get_system(state["system"], source=state.get("system_source"))
     setting = Setting.parse(state["setting"])
     kind = state.get("train_config", {}).get("guide", "amortized")
     pyro.clear_param_store()

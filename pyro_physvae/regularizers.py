@@ -1,25 +1,42 @@
 """The Phys-VAE regularizers as weighted terms that compose with any Pyro ELBO.
 
-Models record their intermediate curves as ``pyro.deterministic`` sites: ``x_P`` (physics
+Phys-VAE models record their intermediate curves as deterministic sites: ``x_P`` (physics
 only), ``x_PA`` (physics + in-ODE net), ``x_PB`` (physics + out-of-ODE net), ``x_mean`` (the
 full decoder mean) and ``init`` (the initial state fed to the physics); the amortized guide
-records ``unmixed``. :class:`PhysVAELoss` wraps an ELBO (``Trace_ELBO``,
-``TraceMeanField_ELBO``, ``RenyiELBO``, ...). While the ELBO traces the guide and then the
-model for each particle, it reads those sites, evaluates every :class:`Regularizer` on them
-and adds ``-sum(weight * R)`` to the model as one ``pyro.factor`` site, so the ELBO's own
-gradient estimator sees the penalty and no second forward pass is needed.
+records ``unmixed``. Each run of a model or guide is a :class:`ComponentCall`: its sites carry
+the Phys-VAE module itself in their ``infer`` dict, so the regularizers find the model and the
+encoder *in the traces*, wherever the outer program calls them (under ``pyro.contrib.autoname``
+scopes, several times for several data sets, inside a hierarchical program). Nothing is looked
+up on the callables handed to ``SVI``.
 
-Each regularizer returns one value per data point, shape ``(..., B)``; the factor is scaled by
-the data plate's subsample scale ``N / B`` so that, like the likelihood, it is an estimate of
-the sum over the whole data set. The factor lives only inside :class:`PhysVAELoss`: models
-and guides used on their own (``Predictive``, ArviZ, MCMC) contain no regularizer sites.
+:class:`PhysVAELoss` wraps an ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``, ``RenyiELBO``, ...).
+While the ELBO traces the guide and then the model for each particle, it pairs the k-th model
+call with the k-th guide call, evaluates every :class:`Regularizer` on their sites and adds
+``-sum(weight * R)`` to the model as one ``pyro.factor`` site, so the ELBO's own gradient
+estimator sees the penalty and no second forward pass is needed. Where the guide that ran has
+no Phys-VAE encoder (an AutoGuide, a hand-written guide), the terms that act through the
+encoder (R_DA,1 and R_DA,2) are left out with a warning.
+
+**Units.** Weights are given in the reference's units: relative to the *sum of squared errors*
+of the reconstruction, as in the reference loss ``|x - x_mean|^2 + alpha R_ppc + ...``. The
+Gaussian likelihood of a model weighs squared errors by its precision ``1 / (2 sigma^2)`` (about
+8103 for the pendulum), so inside the ELBO each term is multiplied by that precision of the
+model it acts on. A weight left ``None`` is the model's default (``model.reg_weights``).
+
+Each regularizer returns one value per data point, shape ``(..., B)``; the factor is scaled
+like the model's curves (the data plate's subsample scale ``N / B`` and any outer
+``poutine.scale``), so that, like the likelihood, it estimates the sum over the data set. The
+factor lives only inside :class:`PhysVAELoss`: models and guides used on their own
+(``Predictive``, ArviZ, MCMC) contain no regularizer sites.
 """
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import pyro
 import pyro.distributions as dist
@@ -29,20 +46,76 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 REGULARIZER_SITE = "physvae_regularizer"
+#: Key of the ``infer`` entry that ties a recorded site to its :class:`ComponentCall`.
+_CALL_KEY = "physvae_call"
+_call_numbers = itertools.count()
+
+
+class ComponentCall:
+    """One run of a Phys-VAE model or guide (a ``PyroModule``): records its sites.
+
+    :meth:`record` is ``pyro.deterministic`` with the module and the call attached, so that
+    regularizers can find them in a trace. Guide sites are marked auxiliary, as ELBOs require
+    of guide-only observed sites.
+    """
+
+    def __init__(self, component: Any) -> None:
+        self.component = component
+        self.number = next(_call_numbers)
+        self.is_guide = not hasattr(component, "decode_sites")
+
+    def record(self, name: str, value: Tensor, event_dim: int | None = None) -> Tensor:
+        """Record ``value`` as the deterministic site ``name`` (``event_dim``: its event
+        rank, by default all of its dimensions); returns ``value``."""
+        event_dim = value.dim() if event_dim is None else event_dim
+        fn = dist.Delta(value, event_dim=event_dim).mask(False)
+        infer: dict[str, Any] = {"_deterministic": True, _CALL_KEY: (self, name)}
+        if self.is_guide:
+            infer["is_auxiliary"] = True
+        return pyro.sample(name, fn, obs=value, infer=infer)
+
+
+def guide_deterministic(name: str, value: Tensor, event_dim: int | None = None) -> Tensor:
+    """Record an intermediate value of a guide that is not a Phys-VAE guide as a
+    deterministic site (like ``pyro.deterministic``, marked auxiliary)."""
+    event_dim = value.dim() if event_dim is None else event_dim
+    fn = dist.Delta(value, event_dim=event_dim).mask(False)
+    return pyro.sample(name, fn, obs=value, infer={"_deterministic": True, "is_auxiliary": True})
+
+
+@dataclass
+class RecordedCall:
+    """The sites (by their local names) and the plate scale of one :class:`ComponentCall`."""
+
+    component: Any
+    sites: dict[str, Tensor] = field(default_factory=dict)
+    scale: Any = 1.0
 
 
 class _SiteRecorder(Messenger):
-    """Keep the values (and plate scales) of the deterministic sites seen while active."""
+    """Keep the deterministic sites seen while active: ``values`` and ``scales`` by site
+    name, and ``calls``, the runs of Phys-VAE models and guides in order."""
 
     def __init__(self) -> None:
         super().__init__()
         self.values: dict[str, Tensor] = {}
         self.scales: dict[str, Any] = {}
+        self._calls: dict[int, RecordedCall] = {}
 
     def _postprocess_message(self, msg: dict) -> None:
         if msg["type"] == "sample" and msg["infer"].get("_deterministic"):
             self.values[msg["name"]] = msg["value"]
             self.scales[msg["name"]] = msg["scale"]
+            tag = msg["infer"].get(_CALL_KEY)
+            if tag is not None:
+                call, local = tag
+                rec = self._calls.setdefault(call.number, RecordedCall(call.component))
+                rec.sites[local] = msg["value"]
+                rec.scale = msg["scale"]
+
+    @property
+    def calls(self) -> list[RecordedCall]:
+        return [self._calls[k] for k in sorted(self._calls)]
 
 
 class _ScaleLatents(Messenger):
@@ -62,26 +135,44 @@ class _ScaleLatents(Messenger):
             msg["scale"] = self.weight * msg["scale"]
 
 
-def guide_deterministic(name: str, value: Tensor, event_dim: int | None = None) -> Tensor:
-    """Record an intermediate value of a *guide* as a deterministic site.
-
-    Like ``pyro.deterministic`` but marked auxiliary, as ELBOs require of guide-only observed
-    sites; regularizers (e.g. :class:`Unmixing`) read it by name.
-    """
-    event_dim = value.dim() if event_dim is None else event_dim
-    fn = dist.Delta(value, event_dim=event_dim).mask(False)
-    return pyro.sample(name, fn, obs=value, infer={"_deterministic": True, "is_auxiliary": True})
-
-
 class Regularizer(Protocol):
-    """A weighted penalty evaluated on recorded sites. ``weight`` multiplies the value."""
+    """A weighted penalty evaluated on the recorded sites of one model call and the guide
+    call paired with it.
+
+    ``weight`` is in the reference's units (see the module docstring), ``None`` for the
+    model's default, whose position in ``model.reg_weights`` is ``default_index``.
+    ``needs_encoder``: the term acts through the amortized guide and is left out where the
+    guide has none.
+    """
 
     name: str
-    weight: float
+    weight: float | None
+    default_index: ClassVar[int]
+    needs_encoder: ClassVar[bool]
 
     def __call__(self, model: Any, guide: Any, sites: Mapping[str, Tensor]) -> Tensor:
         """Return the penalty per data point, shape ``(..., B)``."""
         ...
+
+
+def resolved_weight(reg: Regularizer, model: Any) -> float:
+    """The weight of ``reg`` for ``model``: its own, or the model's default."""
+    if reg.weight is not None:
+        return float(reg.weight)
+    defaults = getattr(model, "reg_weights", None)
+    if defaults is None:
+        raise ValueError(f"regularizer {reg.name!r} has no weight and {type(model).__name__} "
+                         "has no reg_weights default; give the weight")
+    return float(defaults[reg.default_index])
+
+
+def model_precision(model: Any) -> float:
+    """``1 / (2 sigma^2)``, the factor of squared errors in the model's Gaussian likelihood
+    (with a noise scale per channel, the mean of the variances); 1 for a model without
+    ``noise_scale``."""
+    if not callable(getattr(model, "noise_scale", None)):
+        return 1.0
+    return float(0.5 / model.noise_scale().detach().pow(2).mean())
 
 
 def _require(sites: Mapping[str, Tensor], names: Iterable[str], who: str) -> None:
@@ -91,6 +182,10 @@ def _require(sites: Mapping[str, Tensor], names: Iterable[str], who: str) -> Non
             f"{who} needs the sites {missing}, which this model/guide pair does not record; "
             "it applies to the phys+nn settings with the amortized guide"
         )
+
+
+def _event_dim(model: Any, given: int | None) -> int:
+    return int(getattr(model, "x_event_dim", 1)) if given is None else given
 
 
 def squared_distance(a: Tensor, b: Tensor, event_dim: int = 1) -> Tensor:
@@ -108,14 +203,17 @@ class PosteriorPredictiveCheck:
     ``|x_PB - x_P|^2`` for a model without an in-ODE net (no ``x_PA`` site).
     """
 
-    weight: float
-    event_dim: int = 1
+    weight: float | None = None
+    event_dim: int | None = None  #: default: the model's ``x_event_dim``
     name: str = "ppc"
+    default_index: ClassVar[int] = 0
+    needs_encoder: ClassVar[bool] = False
 
     def __call__(self, model: Any, guide: Any, sites: Mapping[str, Tensor]) -> Tensor:
         _require(sites, ("x_P", "x_PB", "x_mean"), "R_ppc")
         x_p, x_pb, x_pab = sites["x_P"], sites["x_PB"], sites["x_mean"]
-        sq = lambda a, b: squared_distance(a, b, self.event_dim)  # noqa: E731
+        event_dim = _event_dim(model, self.event_dim)
+        sq = lambda a, b: squared_distance(a, b, event_dim)  # noqa: E731
         if "x_PA" not in sites:
             return sq(x_pb, x_p)
         x_pa = sites["x_PA"]
@@ -127,13 +225,15 @@ class Unmixing:
     """R_DA,1: the guide's unmixed signal should look like the physics-only output,
     ``|unmixed - stopgrad(x_P)|^2``."""
 
-    weight: float
-    event_dim: int = 1
+    weight: float | None = None
+    event_dim: int | None = None  #: default: the model's ``x_event_dim``
     name: str = "unmix"
+    default_index: ClassVar[int] = 2
+    needs_encoder: ClassVar[bool] = True
 
     def __call__(self, model: Any, guide: Any, sites: Mapping[str, Tensor]) -> Tensor:
         _require(sites, ("unmixed", "x_P"), "R_DA,1")
-        return squared_distance(sites["unmixed"], sites["x_P"].detach(), self.event_dim)
+        return squared_distance(sites["unmixed"], sites["x_P"].detach(), _event_dim(model, self.event_dim))
 
 
 @dataclass
@@ -150,18 +250,18 @@ class PhysicsAugmentation:
     sees modulo ``period``) has its error wrapped into ``[-period / 2, period / 2]``.
     """
 
-    weight: float
+    weight: float | None = None
     name: str = "augment"
+    default_index: ClassVar[int] = 1
+    needs_encoder: ClassVar[bool] = True
 
     def __call__(self, model: Any, guide: Any, sites: Mapping[str, Tensor]) -> Tensor:
         static = getattr(model, "init_event_dim", 0) is None
         _require(sites, ("x_mean",) if static else ("init",), "R_DA,2")
         for obj, method in ((model, "simulate_augmentation"), (guide, "physics_mean")):
             if not callable(getattr(obj, method, None)):
-                raise TypeError(
-                    f"R_DA,2 needs {type(obj).__name__}.{method}(); use it with the "
-                    "amortized Phys-VAE guide, not an AutoGuide"
-                )
+                raise TypeError(f"R_DA,2 needs {type(obj).__name__}.{method}() (see "
+                                "PhysVAEModel.simulate_augmentation and PhysVAEGuide.physics_mean)")
         with torch.no_grad():
             if static:
                 batch = sites["x_mean"].shape[-(getattr(model, "x_event_dim", 1) + 1)]
@@ -186,99 +286,190 @@ class PhysVAELoss(ELBO):
 
     Example::
 
+        loss = PhysVAELoss(Trace_ELBO())                       # the model's default weights
+        loss = PhysVAELoss(Trace_ELBO(), alpha=1e-2, beta=10.0, gamma=1e-3)
         loss = PhysVAELoss(Trace_ELBO(), [PosteriorPredictiveCheck(1e-2), Unmixing(1e-3)])
         svi = SVI(model, guide, Adam({"lr": 1e-3}), loss=loss)
 
+    ``model`` and ``guide`` of ``SVI`` may be any programs that call Phys-VAE models and
+    guides: the regularizers act on the calls they find in the traces (module docstring).
+
     Args:
         elbo: any Pyro ELBO; particles, vectorisation and plate nesting are its own.
-        regularizers: terms with a ``name``, a ``weight`` and a per-datum value.
-        kl_weight: weight of the latents' terms ``log p(z) - log q(z)``; the reference adds
-            the R_ppc weight alpha to the KL weight, ``kl_weight = 1 + alpha``. With a weight
+            Default: ``Trace_ELBO()``.
+        regularizers: terms with a ``name``, a ``weight`` (reference units, ``None``: the
+            model's default) and a per-datum value. Default: :func:`phys_vae_regularizers`
+            of ``alpha``, ``beta``, ``gamma``.
+        alpha, beta, gamma: weights of R_ppc, R_DA,2 and R_DA,1 when ``regularizers`` is not
+            given (``None``: the model's default; 0 leaves a term out).
+        kl_weight: weight of the latents' terms ``log p(z) - log q(z)``. Default: as in the
+            reference, ``1 + `` the R_ppc weight (0 without an R_ppc term). With a weight
             other than 1 the objective is no longer the ELBO itself.
 
     After each call, :attr:`last_terms` holds the mean per-datum value of every regularizer
-    (unweighted) for logging.
+    (unweighted) for logging, and :attr:`skipped` the names of terms left out for want of an
+    encoder.
     """
 
-    def __init__(self, elbo: ELBO | None = None, regularizers: Iterable[Regularizer] = (),
-                 kl_weight: float = 1.0) -> None:
-        if not kl_weight > 0:
-            raise ValueError(f"kl_weight must be positive, got {kl_weight}")
+    def __init__(self, elbo: ELBO | None = None, regularizers: Iterable[Regularizer] | None = None,
+                 *, alpha: float | None = None, beta: float | None = None, gamma: float | None = None,
+                 kl_weight: float | None = None) -> None:
         self.elbo = elbo if elbo is not None else Trace_ELBO()
-        self.kl_weight = float(kl_weight)
         super().__init__(num_particles=self.elbo.num_particles,
                          max_plate_nesting=self.elbo.max_plate_nesting,
                          vectorize_particles=self.elbo.vectorize_particles)
+        if regularizers is None:
+            regularizers = phys_vae_regularizers(alpha, beta, gamma)
+        elif (alpha, beta, gamma) != (None, None, None):
+            raise ValueError("give either regularizers or alpha/beta/gamma, not both")
         self.regularizers = list(regularizers)
-        self.last_terms: dict[str, float] = {}
         names = [r.name for r in self.regularizers]
         if len(set(names)) != len(names):
             raise ValueError(f"regularizer names must be unique, got {names}")
         for r in self.regularizers:
-            if not r.weight >= 0:
-                raise ValueError(f"regularizer {r.name!r} needs a weight >= 0, got {r.weight}")
+            if r.weight is not None and not (r.weight >= 0 and r.weight < float("inf")):
+                raise ValueError(f"regularizer {r.name!r} needs a finite weight >= 0, got {r.weight}")
+        if kl_weight is not None and not (kl_weight > 0 and kl_weight < float("inf")):
+            raise ValueError(f"kl_weight must be positive and finite, got {kl_weight}")
+        self._kl_weight = kl_weight
+        self.last_terms: dict[str, float] = {}
+        self.skipped: set[str] = set()
+        self._found_kl: float | None = None
 
     def __repr__(self) -> str:
-        terms = ", ".join(f"{r.name}={r.weight:g}" for r in self.regularizers)
-        return f"PhysVAELoss({type(self.elbo).__name__}, [{terms}], kl_weight={self.kl_weight:g})"
+        terms = ", ".join(f"{r.name}={'default' if r.weight is None else format(r.weight, 'g')}"
+                          for r in self.regularizers)
+        kl = "1 + alpha" if self._kl_weight is None else format(self._kl_weight, "g")
+        return f"PhysVAELoss({type(self.elbo).__name__}, [{terms}], kl_weight={kl})"
 
-    def _wrap(self, model: Callable, guide: Callable) -> tuple[Callable, Callable]:
+    def kl_weight_for(self, model: Any | None) -> float:
+        """The KL weight: as given, or ``1 +`` the R_ppc weight resolved for ``model``."""
+        if self._kl_weight is not None:
+            return self._kl_weight
+        ppc = [r for r in self.regularizers if isinstance(r, PosteriorPredictiveCheck)]
+        if not ppc:
+            return 1.0
+        if ppc[0].weight is None and model is None:
+            raise ValueError("the R_ppc weight is the model's default, but no Phys-VAE model "
+                             "was found; give alpha or kl_weight")
+        return 1.0 + resolved_weight(ppc[0], model)
+
+    @property
+    def kl_weight(self) -> float:
+        """The KL weight where it does not depend on the model (else see :meth:`kl_weight_for`)."""
+        return self.kl_weight_for(None)
+
+    def _penalty(self, model_call: RecordedCall, guide_call: RecordedCall | None) -> Tensor | None:
+        """``sum_r weight_r * precision * R_r``, summed over the call's batch, ``(..., 1)``."""
+        model = model_call.component
+        encoder = None
+        if guide_call is not None and callable(getattr(guide_call.component, "physics_mean", None)):
+            encoder = guide_call.component
+        sites = {**(guide_call.sites if guide_call is not None else {}), **model_call.sites}
+        precision = model_precision(model)
+        total = None
+        for reg in self.regularizers:
+            weight = resolved_weight(reg, model)
+            if weight == 0:
+                continue
+            if reg.needs_encoder and encoder is None:
+                self._skip(reg, guide_call)
+                continue
+            value = reg(model, encoder, sites)
+            self.last_terms[reg.name] = float(value.detach().mean())
+            term = (model_call.scale * precision * weight * value).sum(-1, keepdim=True)
+            total = term if total is None else total + term
+        return total
+
+    def _skip(self, reg: Regularizer, guide_call: RecordedCall | None) -> None:
+        if reg.name in self.skipped:
+            return
+        self.skipped.add(reg.name)
+        what = "no Phys-VAE guide ran" if guide_call is None else \
+            f"the guide {type(guide_call.component).__name__} has no encoder (physics_mean)"
+        warnings.warn(f"regularizer {reg.name!r} acts through the amortized encoder and is left "
+                      f"out: {what} (an AutoGuide, for example)", UserWarning, stacklevel=4)
+
+    def _wrap(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+              ) -> tuple[Callable, Callable]:
+        guide_calls: list[RecordedCall] = []
+        kl_weight = self._resolved_kl_weight(model, args, kwargs)
         run_model, run_guide = model, guide
-        if self.kl_weight != 1.0:
-            run_model, run_guide = _ScaleLatents(self.kl_weight)(model), _ScaleLatents(self.kl_weight)(guide)
-        if not self.regularizers:
-            return run_model, run_guide
-        guide_sites: dict[str, Tensor] = {}
+        if kl_weight != 1.0:
+            run_model, run_guide = _ScaleLatents(kl_weight)(model), _ScaleLatents(kl_weight)(guide)
 
         def recorded_guide(*args, **kwargs):
             with _SiteRecorder() as rec:
                 out = run_guide(*args, **kwargs)
-            guide_sites.clear()
-            guide_sites.update(rec.values)
+            guide_calls[:] = [c for c in rec.calls if not hasattr(c.component, "decode_sites")]
             return out
 
         def regularized_model(*args, **kwargs):
             with _SiteRecorder() as rec:
                 out = run_model(*args, **kwargs)
-            sites = {**guide_sites, **rec.values}
-            total = 0.0
-            for reg in self.regularizers:
-                value = reg(model, guide, sites)
-                self.last_terms[reg.name] = float(value.detach().mean())
-                total = total + reg.weight * value
-            scale = next(iter(rec.scales.values()), 1.0)
-            # One factor per draw, keeping a trailing singleton so that it broadcasts
-            # against any particle or sample plates on the left.
-            pyro.factor(REGULARIZER_SITE, -(scale * total).sum(-1, keepdim=True))
+            if not self.regularizers:
+                return out
+            models = [c for c in rec.calls if hasattr(c.component, "decode_sites")]
+            if not models:
+                raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
+                                 "its regularizers act on models derived from PhysVAEModel")
+            guides = list(guide_calls)
+            if guides and len(guides) != len(models):
+                raise ValueError(f"the model ran {len(models)} Phys-VAE model(s) but the guide "
+                                 f"{len(guides)} Phys-VAE guide(s); they are paired in order")
+            total = None
+            for k, m in enumerate(models):
+                term = self._penalty(m, guides[k] if guides else None)
+                if term is not None:
+                    total = term if total is None else total + term
+            if total is not None:
+                # One factor per draw, keeping a trailing singleton so that it broadcasts
+                # against any particle or sample plates on the left.
+                pyro.factor(REGULARIZER_SITE, -total)
             return out
 
         return regularized_model, recorded_guide
 
+    def _resolved_kl_weight(self, model: Callable, args: tuple, kwargs: dict) -> float:
+        """The KL weight. Where it is ``1 +`` the model's default R_ppc weight, the guide
+        (which runs first) needs it before the model has run: the first call finds the
+        Phys-VAE model by one prior run of the program, outside any trace, and keeps it."""
+        needs_model = self._kl_weight is None and any(
+            isinstance(r, PosteriorPredictiveCheck) and r.weight is None for r in self.regularizers)
+        if not needs_model:
+            return self.kl_weight_for(None)
+        if self._found_kl is None:
+            with torch.no_grad(), pyro.poutine.block(), _SiteRecorder() as rec:
+                model(*args, **kwargs)
+            found = [c.component for c in rec.calls if hasattr(c.component, "decode_sites")]
+            if not found:
+                raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
+                                 "its regularizers act on models derived from PhysVAEModel")
+            self._found_kl = self.kl_weight_for(found[0])
+        return self._found_kl
+
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        m, g = self._wrap(model, guide)
+        m, g = self._wrap(model, guide, args, kwargs)
         return self.elbo.loss(m, g, *args, **kwargs)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        m, g = self._wrap(model, guide)
+        m, g = self._wrap(model, guide, args, kwargs)
         return self.elbo.loss_and_grads(m, g, *args, **kwargs)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
-        m, g = self._wrap(model, guide)
+        m, g = self._wrap(model, guide, args, kwargs)
         return self.elbo.differentiable_loss(m, g, *args, **kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
-        m, g = self._wrap(model, guide)
+        m, g = self._wrap(model, guide, args, kwargs)
         return self.elbo._get_trace(m, g, args, kwargs)
 
 
-def phys_vae_regularizers(alpha: float, beta: float, gamma: float,
-                          event_dim: int = 1) -> list[Regularizer]:
-    """The paper's three terms with weights alpha (R_ppc), beta (R_DA,2), gamma (R_DA,1);
-    zero weights are left out. ``event_dim`` is the rank of one observation (1 for a time
-    series, 2 for a space-time field): the curve distances sum over it."""
-    terms: list[Regularizer] = [
-        PosteriorPredictiveCheck(alpha, event_dim=event_dim),
-        PhysicsAugmentation(beta),
-        Unmixing(gamma, event_dim=event_dim),
-    ]
-    return [t for t in terms if t.weight > 0]
+def phys_vae_regularizers(alpha: float | None = None, beta: float | None = None,
+                          gamma: float | None = None) -> list[Regularizer]:
+    """The paper's three terms with weights alpha (R_ppc), beta (R_DA,2), gamma (R_DA,1) in
+    the reference's units; ``None`` takes the model's default (``model.reg_weights``), and
+    a weight of 0 leaves the term out. Event ranks come from the model."""
+    terms: list[Regularizer] = [PosteriorPredictiveCheck(alpha), PhysicsAugmentation(beta),
+                                Unmixing(gamma)]
+    return [t for t in terms if t.weight is None or t.weight > 0]

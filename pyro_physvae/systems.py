@@ -1,19 +1,38 @@
-"""The registry of physical systems: what the CLI and the trainer need to know of each."""
+"""The registry of physical systems: what the CLI, the trainer and the evaluation need to
+know of each, and how a system defined outside this package joins them.
+
+A system is a :class:`System`: its model and amortized guide classes plus optional hooks
+(data generation, a reader for its own file layout, evaluation metrics and figures). The four
+systems of the paper are built in; any other is registered from user code with
+:func:`register_system`, from a file or module with :func:`load_plugin` (the CLI's
+``physvae --plugin PATH_OR_MODULE``), from an installed package through the entry-point
+group ``pyro_physvae.systems``, or named directly as ``module:attribute``. A run directory
+records where its system came from (``System.source``), so that ``evaluate``, ``diagnose`` and
+``nuts`` reload it in a later process.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import inspect
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import xarray as xr
 from pyro.nn import PyroModule
 
-from pyro_physvae.data.io import to_tensor
+from pyro_physvae.data.io import load_split, to_tensor
 from pyro_physvae.settings import Setting
+
+#: Entry-point group through which installed packages offer systems: ``name = "module:attr"``,
+#: where the attribute is a :class:`System` or a function without arguments that returns one.
+ENTRY_POINT_GROUP = "pyro_physvae.systems"
 
 
 @dataclass(frozen=True)
@@ -22,48 +41,107 @@ class System:
 
     Attributes:
         name: registry key, also the ``system`` attribute of its data sets.
-        model_cls, guide_cls: the model (``model_cls(setting, **model_kwargs)``) and its
-            amortized guide (``guide_cls(model, **guide_kwargs)``).
-        reg_weights: default regularizer weights ``(alpha, beta, gamma)`` for phys+nn+reg.
+        model_cls, guide_cls: the model (``model_cls(setting, **model_kwargs)``, a
+            :class:`~pyro_physvae.base.PhysVAEModel`) and its amortized guide
+            (``guide_cls(model, **guide_kwargs)``).
+        generate: ``generate(seed=..., **sizes) -> {split: Dataset}`` for ``physvae
+            generate`` (sizes ``n_train``, ``n_valid``, ``n_test``, ``n_steps``); ``None``:
+            the system has no generator.
+        model_kwargs_from_data: model size arguments read off a data set; default: the
+            length ``n_steps`` of its ``time`` dimension and its ``dt`` attribute, for a model
+            that takes them.
+        reg_weights: default regularizer weights ``(alpha, beta, gamma)`` for phys+nn+reg in
+            the reference's units; default: the model class's ``reg_weights``.
         train_defaults: reference epochs and batch size.
-        generate: ``generate(seed=..., **sizes) -> {split: Dataset}``.
-        model_kwargs_from_data: model size arguments read off a data set (length, dt, ...).
         true_observations: ``true_observations(ds, n_steps) -> Tensor (N, *event)``, the
             noise-free truth of a synthetic data set's sequences over ``n_steps`` time steps
-            (possibly past the observed window), for extrapolation checks; ``None`` if the
-            system has none.
+            (possibly past the observed window), for extrapolation checks.
         read_split: ``read_split(data_dir, split) -> Dataset`` for a system whose data come
             in their own layout (read in place, where ``<split>.nc`` does not exist).
         covariates: per-sequence variables of the data (e.g. walking speed) whose
             correlation with each latent the evaluation reports.
         augment: ``augment(x_train, generator) -> x`` draws a randomly transformed copy of
-            the training observations for each epoch (e.g. flipped and rotated images);
-            ``None``: the data are used as they are.
+            the training observations for each epoch (e.g. flipped and rotated images).
+        evaluator: replaces the generic evaluation of :func:`pyro_physvae.evaluate.evaluate`
+            for data that need their own (e.g. images, streamed in chunks):
+            ``evaluator(run, guide, ds, x, out_dir, *, split, num_samples, iwae_particles,
+            seed, refine_steps) -> metrics``.
+        plot_reconstructions: ``plot_reconstructions(ds, x, draws, path) -> path``, the
+            reconstruction figure (default: each channel of the observation over time).
+        extra_metrics: ``extra_metrics(model, draws, ds) -> dict`` added to the metrics
+            (e.g. the energy drift of a learnt Hamiltonian).
+        counterfactual_truth: ``counterfactual_truth(ds, name, factor) -> Tensor (N,
+            *event)``: the noise-free truth of the data set's sequences with the physics
+            parameter ``name`` multiplied by ``factor``, for ``physvae counterfactual``.
+        test_sizes: small data sizes and model/guide arguments (``{"data": {...}, "model":
+            {...}, "guide": {...}}``) with which the conformance tests and smoke runs train
+            the system in seconds.
+        source: where the system came from (``{"kind": "builtin"}``, or the module and file
+            that registered it); recorded in run directories to reload the system.
     """
 
     name: str
     model_cls: Callable[..., PyroModule]
     guide_cls: Callable[..., PyroModule]
-    reg_weights: tuple[float, float, float]
-    train_defaults: dict[str, int]
-    generate: Callable[..., dict[str, xr.Dataset]]
-    model_kwargs_from_data: Callable[[xr.Dataset], dict[str, Any]]
+    generate: Callable[..., dict[str, xr.Dataset]] | None = None
+    model_kwargs_from_data: Callable[[xr.Dataset], dict[str, Any]] | None = None
+    reg_weights: tuple[float, float, float] | None = None
+    train_defaults: Mapping[str, int] = field(default_factory=lambda: {"epochs": 1000, "batch_size": 100})
     true_observations: Callable[[xr.Dataset, int], torch.Tensor] | None = None
     read_split: Callable[[str | os.PathLike, str], xr.Dataset] | None = None
     covariates: tuple[str, ...] = ()
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    evaluator: Callable[..., dict[str, Any]] | None = None
+    plot_reconstructions: Callable[..., Path] | None = None
+    extra_metrics: Callable[..., dict[str, Any]] | None = None
+    counterfactual_truth: Callable[[xr.Dataset, str, float], torch.Tensor] | None = None
+    test_sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source: Mapping[str, str] = field(default_factory=lambda: {"kind": "builtin"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or ":" in self.name or "/" in self.name:
+            raise ValueError(f"a system name must be a non-empty string without ':' or '/', "
+                             f"got {self.name!r}")
+        for attr in ("model_cls", "guide_cls"):
+            if not callable(getattr(self, attr)):
+                raise TypeError(f"System {self.name!r}: {attr} must be a class, got "
+                                f"{getattr(self, attr)!r}")
+        if self.reg_weights is None:
+            object.__setattr__(self, "reg_weights",
+                               tuple(getattr(self.model_cls, "reg_weights", (0.0, 0.0, 0.0))))
+        if len(self.reg_weights) != 3:
+            raise ValueError(f"System {self.name!r}: reg_weights must be (alpha, beta, gamma), "
+                             f"got {self.reg_weights}")
+        if self.model_kwargs_from_data is None:
+            object.__setattr__(self, "model_kwargs_from_data", self._time_grid_from_data)
 
     def build(self, setting: str | Setting, model_kwargs: dict | None = None,
               guide_kwargs: dict | None = None) -> tuple[PyroModule, PyroModule]:
+        """A model of ``setting`` and its amortized guide, the keyword arguments checked."""
         model_kwargs, guide_kwargs = dict(model_kwargs or {}), dict(guide_kwargs or {})
         check_keyword_arguments(self.model_cls, model_kwargs, bound=("setting",))
         check_keyword_arguments(self.guide_cls, guide_kwargs, bound=("model",))
         model = self.model_cls(Setting.parse(setting), **model_kwargs)
         return model, self.guide_cls(model, **guide_kwargs)
 
+    def load_split(self, data_dir: str | os.PathLike, split: str) -> xr.Dataset:
+        """The split ``<data_dir>/<split>.nc``, or read in place by :attr:`read_split`."""
+        return load_split(data_dir, split, system=self.name, reader=self.read_split)
+
     def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor:
         """The observation tensor of a data set, the first argument of model and guide."""
         return to_tensor(ds["x"], device)
+
+    def _time_grid_from_data(self, ds: xr.Dataset) -> dict[str, Any]:
+        """``n_steps`` (the size of the ``time`` dimension) and ``dt`` (the data set's
+        attribute), each where the data have it and the model takes it."""
+        found: dict[str, Any] = {}
+        if "time" in ds.sizes:
+            found["n_steps"] = int(ds.sizes["time"])
+        if "dt" in ds.attrs:
+            found["dt"] = float(ds.attrs["dt"])
+        params = inspect.signature(self.model_cls).parameters
+        return {k: v for k, v in found.items() if k in params}
 
 
 def check_keyword_arguments(cls: type, kwargs: dict[str, Any], bound: tuple[str, ...] = ()) -> None:
@@ -94,10 +172,6 @@ def _pendulum() -> System:
         name="pendulum",
         model_cls=PendulumModel,
         guide_cls=PendulumGuide,
-        # The reference's alpha and gamma; beta (R_DA,2) is a hundred times the reference's
-        # 0.1: at the reference budget it gave test omega MAE 0.126 against 0.187 with
-        # beta = 1, and a lower reconstruction error too (benchmarks/RESULTS.md).
-        reg_weights=(1e-2, 10.0, 1e-3),
         train_defaults={"epochs": 5000, "batch_size": 200},
         generate=generate,
         model_kwargs_from_data=model_kwargs,
@@ -120,7 +194,6 @@ def _advdif() -> System:
         name="advdif",
         model_cls=AdvDifModel,
         guide_cls=AdvDifGuide,
-        reg_weights=(1e-1, 1e6, 1e-2),  # the reference's alpha, beta, gamma
         train_defaults={"epochs": 20000, "batch_size": 200},
         generate=generate,
         model_kwargs_from_data=model_kwargs,
@@ -144,7 +217,6 @@ def _locomotion() -> System:
         name="locomotion",
         model_cls=LocomotionModel,
         guide_cls=LocomotionGuide,
-        reg_weights=(1e-1, 0.0, 0.0),  # the reference's R_ppc weight; no R_DA terms
         train_defaults={"epochs": 3000, "batch_size": 100},
         generate=generate,
         model_kwargs_from_data=model_kwargs,
@@ -170,11 +242,6 @@ def _galaxy() -> System:
         name="galaxy",
         model_cls=GalaxyModel,
         guide_cls=GalaxyGuide,
-        # The reference's (1e-1, 1e3, 1) in this library's units: R_DA,2 sums the squared
-        # errors of the 4 parameters where the reference averages them (1e3 / 4), and R_DA,1
-        # compares the one unmixed band with the 3 bands of x_P where the reference compares
-        # it with one (1 / 3).
-        reg_weights=(1e-1, 250.0, 1.0 / 3.0),
         train_defaults={"epochs": 10000, "batch_size": 200},
         generate=generate,
         model_kwargs_from_data=model_kwargs,
@@ -182,13 +249,185 @@ def _galaxy() -> System:
     )
 
 
-_FACTORIES: dict[str, Callable[[], System]] = {"pendulum": _pendulum, "advdif": _advdif,
-                                               "locomotion": _locomotion, "galaxy": _galaxy}
-SYSTEMS: tuple[str, ...] = tuple(_FACTORIES)
+_BUILTINS: dict[str, Callable[[], System]] = {"pendulum": _pendulum, "advdif": _advdif,
+                                              "locomotion": _locomotion, "galaxy": _galaxy}
+#: The systems that come with the package.
+SYSTEMS: tuple[str, ...] = tuple(_BUILTINS)
+_REGISTRY: dict[str, System] = {}
 
 
-def get_system(name: str) -> System:
-    """The system registered as ``name``; ``ValueError`` naming the choices otherwise."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown system {name!r}; choose one of: {', '.join(SYSTEMS)}")
-    return _FACTORIES[name]()
+def register_system(system: System, *, replace_existing: bool = False) -> System:
+    """Add ``system`` to the registry under ``system.name`` and return it.
+
+    Call it at the top level of the module that defines the system (typically its guide
+    file, which imports the model). Unless the system says otherwise, its ``source`` is that
+    module (name and file), which a run directory records to reload it later.
+
+    Raises:
+        ValueError: the name is taken (by a built-in system, or by a system from another
+            module unless ``replace_existing``).
+    """
+    if not isinstance(system, System):
+        raise TypeError(f"register_system takes a System, got {type(system).__name__}")
+    if system.name in _BUILTINS:
+        raise ValueError(f"{system.name!r} is a built-in system; choose another name")
+    if system.source.get("kind") == "builtin":
+        system = replace(system, source=_caller_source())
+    old = _REGISTRY.get(system.name)
+    if old is not None and not replace_existing and _describe(old.source) != _describe(system.source):
+        raise ValueError(f"a system named {system.name!r} is already registered (from "
+                         f"{_describe(old.source)}); pass replace_existing=True to replace it")
+    _REGISTRY[system.name] = system
+    return system
+
+
+def unregister_system(name: str) -> None:
+    """Remove a registered (not built-in) system; nothing happens if there is none."""
+    _REGISTRY.pop(name, None)
+
+
+def _caller_source() -> dict[str, str]:
+    """The module that called :func:`register_system`: its name and file."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    if frame is None:
+        return {"kind": "module"}
+    source = {"kind": "module", "module": str(frame.f_globals.get("__name__"))}
+    path = frame.f_globals.get("__file__")
+    if path:
+        source["path"] = str(Path(path).resolve())
+    return source
+
+
+def _describe(source: Mapping[str, str]) -> str:
+    return source.get("path") or source.get("value") or source.get("module") or source.get("kind", "?")
+
+
+def registered_systems() -> tuple[str, ...]:
+    """Names of the systems available now: built in, registered, or offered by an installed
+    package's entry point."""
+    names = list(_BUILTINS) + [n for n in _REGISTRY if n not in _BUILTINS]
+    names += [ep.name for ep in _entry_points() if ep.name not in names]
+    return tuple(names)
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def get_system(name: str, *, source: Mapping[str, str] | None = None) -> System:
+    """The system called ``name``.
+
+    Looked up among the built-in and registered systems, then the entry points of installed
+    packages; ``name`` may also be ``"module:attribute"`` (a :class:`System` or a function
+    returning one). ``source`` (as recorded in a run directory) says where to load a system
+    that is not registered in this process.
+
+    Raises:
+        ValueError: no such system, naming the choices.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a system name must be a string, got {type(name).__name__}")
+    if name in _BUILTINS:
+        return _BUILTINS[name]()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return _from_reference(name)
+    for ep in _entry_points():
+        if ep.name == name:
+            system = _from_reference(ep.value, {"kind": "entry_point", "value": ep.value})
+            if system.name != name:
+                raise ValueError(f"entry point {name!r} ({ep.value}) gave a system named {system.name!r}")
+            return system
+    if source is not None and source.get("kind") != "builtin":
+        _load_source(source)
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        raise ValueError(f"system {name!r} was recorded as coming from {_describe(source)}, "
+                         "which did not register it")
+    raise ValueError(f"unknown system {name!r}; choose one of: {', '.join(registered_systems())} "
+                     "(load another with --plugin PATH_OR_MODULE, or name it as module:attribute)")
+
+
+def _from_reference(reference: str, source: Mapping[str, str] | None = None) -> System:
+    """The system of ``"module:attribute"``: a System or a function that returns one."""
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected 'module:attribute', got {reference!r}")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load the system {reference!r}: {e}") from e
+    system = obj() if callable(obj) and not isinstance(obj, System) else obj
+    if not isinstance(system, System):
+        raise ValueError(f"{reference} is not a System nor a function returning one "
+                         f"(got {type(system).__name__})")
+    if system.name in _BUILTINS:
+        return get_system(system.name)
+    system = replace(system, source=dict(source or {"kind": "reference", "value": reference}))
+    return register_system(system, replace_existing=True)
+
+
+def load_plugin(spec: str | os.PathLike) -> tuple[str, ...]:
+    """Import a module that registers systems; return the names of the systems it defines
+    (registered by this import or an earlier one of the same file).
+
+    ``spec`` is a Python file (its directory is put on ``sys.path`` first, so that it can
+    import the files beside it, and it is imported under its file name) or an importable
+    module name.
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: the module cannot be imported.
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if text.endswith(".py") or os.sep in text or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"plugin file not found: {path}")
+        module = _import_file(path.resolve())
+    else:
+        try:
+            module = importlib.import_module(text)
+        except ImportError as e:
+            raise ValueError(f"cannot import the plugin module {text!r}: {e}") from e
+    mine = {module.__name__, str(Path(getattr(module, "__file__", "") or "").resolve())}
+    return tuple(n for n, s in _REGISTRY.items() if s.source.get("module") in mine
+                 or s.source.get("path") in mine)
+
+
+def _import_file(path: Path):
+    """Import ``path`` as the module named after its file, its directory on ``sys.path``."""
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module = sys.modules.get(path.stem)
+    if module is not None:
+        if Path(getattr(module, "__file__", "") or "").resolve() == path:
+            return module
+        raise ValueError(f"cannot load the plugin {path}: a different module named {path.stem!r} "
+                         f"is already imported ({getattr(module, '__file__', None)})")
+    try:
+        return importlib.import_module(path.stem)
+    except ImportError as e:
+        raise ValueError(f"cannot import the plugin {path}: {e}") from e
+
+
+def _load_source(source: Mapping[str, str]) -> None:
+    """Import what ``source`` names: a reference, a file (if it exists) or a module."""
+    if source.get("kind") in ("reference", "entry_point") and source.get("value"):
+        _from_reference(source["value"], source)
+        return
+    path = source.get("path")
+    if path and Path(path).is_file():
+        _import_file(Path(path))
+        return
+    module = source.get("module")
+    if module and module != "__main__":
+        try:
+            importlib.import_module(module)
+            return
+        except ImportError as e:
+            raise ValueError(f"cannot import {module!r}, which defined this run's system: {e}") from e
+    raise ValueError(f"the system's source is gone: {_describe(source)}; load it with --plugin")

@@ -28,9 +28,8 @@ from tqdm.auto import tqdm
 
 from pyro_physvae.autoguides import check_guide_kind, make_autoguide, supports_subsampling
 from pyro_physvae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_physvae.data.io import load_split
 from pyro_physvae.ode import IntegrationError
-from pyro_physvae.regularizers import PhysVAELoss, _SiteRecorder, phys_vae_regularizers
+from pyro_physvae.regularizers import PhysVAELoss, _SiteRecorder
 from pyro_physvae.settings import Setting
 from pyro_physvae.systems import System, get_system
 from pyro_physvae.validation import check_positive_int
@@ -112,28 +111,22 @@ def make_loss(setting: Setting, system: System, config: TrainConfig,
               model: torch.nn.Module | None = None) -> ELBO:
     """The ELBO of ``config`` plus, for ``phys+nn+reg``, the weighted regularizers.
 
-    ``alpha``, ``beta``, ``gamma`` are weights relative to the *sum of squared errors*, as in
-    the reference loss. The Gaussian likelihood of the model weighs squared errors by
-    ``1 / (2 sigma^2)`` (about 8103 for the pendulum's ``log sigma^2 = -9 - log 2``), so in
-    ELBO units each weight is multiplied by that precision; otherwise the regularizers would
-    be negligible next to the likelihood. As in the reference, the KL part is weighted by
-    ``1 + alpha``.
+    ``alpha``, ``beta``, ``gamma`` are in the reference's units (relative to the *sum of
+    squared errors*); :class:`~pyro_physvae.regularizers.PhysVAELoss` converts them to ELBO
+    units with the model's likelihood precision and, as in the reference, weights the KL part
+    by ``1 + alpha``. With an AutoGuide the terms that act through the encoder are left out
+    (with a warning). ``model`` is not needed (kept for callers that pass it).
     """
     extra = {"alpha": config.renyi_alpha} if config.elbo == "renyi" else {}
     elbo = ELBOS[config.elbo](num_particles=config.num_particles,
                               vectorize_particles=config.num_particles > 1, **extra)
     if not setting.regularized:
         return elbo
-    precision = 1.0
-    if model is not None and hasattr(model, "noise_scale"):
-        precision = float(0.5 / model.noise_scale().detach().pow(2))
     weights = with_reg_weights(config, system)
-    alpha, beta, gamma = weights.alpha, weights.beta, weights.gamma
+    beta, gamma = weights.beta, weights.gamma
     if config.guide != "amortized":  # R_DA,1 and R_DA,2 act through the encoder
         beta = gamma = 0.0
-    regs = phys_vae_regularizers(alpha=precision * alpha, beta=precision * beta, gamma=precision * gamma,
-                                 event_dim=getattr(model, "x_event_dim", 1))
-    return PhysVAELoss(elbo, regs, kl_weight=1.0 + alpha)
+    return PhysVAELoss(elbo, alpha=weights.alpha, beta=beta, gamma=gamma)
 
 
 def with_reg_weights(config: TrainConfig, system: System) -> TrainConfig:
@@ -305,8 +298,8 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    train_ds = load_split(data_dir, "train", system=system.name)
-    valid_ds = load_split(data_dir, "valid", system=system.name)
+    train_ds = system.load_split(data_dir, "train")
+    valid_ds = system.load_split(data_dir, "valid")
     model_kwargs = {**system.model_kwargs_from_data(train_ds), **(model_kwargs or {})}
     guide_kwargs = dict(guide_kwargs or {})
     x_train = system.observations(train_ds, device)
@@ -346,7 +339,8 @@ def train(
         torch.set_rng_state(state["rng_state"])
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"system": system.name, "setting": setting.value, "model_kwargs": model_kwargs,
+    meta = {"system": system.name, "system_source": dict(system.source), "setting": setting.value,
+            "model_kwargs": model_kwargs,
             "guide_kwargs": guide_kwargs, "train_config": asdict(config),
             "data_dir": str(Path(data_dir).resolve()), "n_train": n,
             "torch_threads": torch.get_num_threads()}

@@ -21,6 +21,7 @@ from pyro_physvae.guides.locomotion import LocomotionGuide
 from pyro_physvae.models.locomotion import LocomotionModel, relative_energy_drift
 from pyro_physvae.regularizers import PhysVAELoss, phys_vae_regularizers
 from pyro_physvae.settings import SETTINGS
+from pyro_physvae.systems import get_system
 from pyro_physvae.train import TrainConfig, train
 
 REAL = Path(__file__).parents[1].parent / "shared" / "data" / "locomotion"
@@ -47,7 +48,7 @@ def test_npy_layout_with_properties(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 3, T)).astype(np.float32)
     np.save(tmp_path / "train.npy", x)
     np.savetxt(tmp_path / "props_train.txt", PROPS)
-    ds = load_split(tmp_path, "train", system="locomotion")  # read in place: no train.nc here
+    ds = get_system("locomotion").load_split(tmp_path, "train")  # read in place: no train.nc here
     assert ds["x"].dims == ("sequence", "joint", "time") and ds["x"].shape == (2, 3, T)
     np.testing.assert_allclose(ds["x"].values, x)
     assert ds["speed"].values.tolist() == [1.2, 0.8] and ds["cadence"].attrs["units"] == "steps/min"
@@ -121,7 +122,7 @@ def test_synthetic_generator_is_seeded_and_follows_speed():
 @pytest.mark.skipif(not (REAL / "train.npy").is_file(), reason="real gait data not present")
 def test_real_gait_recordings_load_with_their_properties():
     for split, n in (("train", 400), ("valid", 100)):
-        ds = load_split(REAL, split, system="locomotion")
+        ds = get_system("locomotion").load_split(REAL, split)
         assert ds["x"].shape == (n, 3, 101) and ds["speed"].shape == (n,)
         assert 0.1 < float(ds["speed"].mean()) < 3 and 50 < float(ds["cadence"].mean()) < 200
         assert float(np.abs(ds["x"]).max()) < math.pi  # radians
@@ -163,7 +164,7 @@ def test_hamiltonian_field_of_a_known_energy_is_the_harmonic_oscillator():
     model = LocomotionModel("phys-only", n_steps=T, dt=0.05, method="rk4", substeps=4)
     y0 = torch.tensor([[1.0, 0.0, -0.5, 0.0, 2.0, 0.3]], dtype=torch.float64)
     field = model.hamiltonian_field(lambda y: 0.5 * y.pow(2).sum(-1))
-    ys = model._integrate(field, y0, model.t.double())
+    ys = model.solve(field, y0, model.t.double())
     t = model.t.double()[:, None]
     exact = y0[:, :3] * torch.cos(t) + y0[:, 3:] * torch.sin(t)
     assert torch.allclose(ys[0, :, :3], exact, atol=1e-7)

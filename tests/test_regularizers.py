@@ -171,7 +171,7 @@ def test_kl_weight_scales_only_the_latent_terms(elbo_cls):
 
     def loss_and_draw(weight):
         pyro.set_rng_seed(0)
-        value = PhysVAELoss(elbo_cls(), kl_weight=weight).loss(model, guide)
+        value = PhysVAELoss(elbo_cls(), [], kl_weight=weight).loss(model, guide)
         return value, drawn[-1]
 
     base, z = loss_and_draw(1.0)
@@ -184,7 +184,7 @@ def test_kl_weight_scales_only_the_latent_terms(elbo_cls):
         kl = (dist.Normal(loc, scale).log_prob(z) - dist.Normal(0.0, 1.0).log_prob(z)).sum()
     assert weighted - base == pytest.approx(2.0 * float(kl), rel=1e-5)
     with pytest.raises(ValueError, match="kl_weight"):
-        PhysVAELoss(elbo_cls(), kl_weight=0.0)
+        PhysVAELoss(elbo_cls(), [], kl_weight=0.0)
 
 
 def test_repr_and_settings_passthrough():

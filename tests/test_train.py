@@ -19,6 +19,7 @@ from pyro_physvae.regularizers import (
     PhysVAELoss,
     PosteriorPredictiveCheck,
     Unmixing,
+    model_precision,
 )
 from pyro_physvae.settings import SETTINGS, Setting
 from pyro_physvae.systems import get_system
@@ -247,32 +248,28 @@ def test_make_loss_type(setting):
         assert isinstance(loss, Trace_ELBO)
 
 
-def test_make_loss_scales_weights_by_the_noise_precision():
+def test_make_loss_keeps_reference_weights_and_converts_with_the_noise_precision():
     system = get_system("pendulum")
     model, _ = system.build("phys+nn+reg", {"n_steps": 10})
     precision = 0.5 / math.exp(-9.0 - math.log(2.0))  # 1 / (2 sigma^2), default noise
     assert precision == pytest.approx(8103.08, rel=1e-5)
+    assert model_precision(model) == pytest.approx(precision, rel=1e-5)
     loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(), model)
     by_type = {type(r): r.weight for r in loss.regularizers}
     alpha, beta, gamma = system.reg_weights
-    assert by_type[PosteriorPredictiveCheck] == pytest.approx(alpha * precision, rel=1e-5)
-    assert by_type[PhysicsAugmentation] == pytest.approx(beta * precision, rel=1e-5)
-    assert by_type[Unmixing] == pytest.approx(gamma * precision, rel=1e-5)
+    assert by_type[PosteriorPredictiveCheck] == pytest.approx(alpha)
+    assert by_type[PhysicsAugmentation] == pytest.approx(beta)
+    assert by_type[Unmixing] == pytest.approx(gamma)
     assert isinstance(loss.elbo, TraceMeanField_ELBO)  # the default ELBO
     assert loss.kl_weight == pytest.approx(1.0 + alpha)
 
-    # Explicit weights are scaled the same way; zero weights drop the term.
+    # Explicit weights are kept as given; zero weights drop the term.
     loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(alpha=2.0, beta=0.0, gamma=0.5), model)
-    assert {r.name: r.weight for r in loss.regularizers} == {
-        "ppc": pytest.approx(2.0 * precision, rel=1e-5), "unmix": pytest.approx(0.5 * precision, rel=1e-5)}
+    assert {r.name: r.weight for r in loss.regularizers} == {"ppc": 2.0, "unmix": 0.5}
 
     # A different noise level changes the scaling.
     noisy, _ = system.build("phys+nn+reg", {"n_steps": 10, "x_lnvar": 0.0})
-    loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(alpha=1.0), noisy)
-    assert loss.regularizers[0].weight == pytest.approx(0.5)
-    # Without a model the weights are taken as they are.
-    loss = make_loss(Setting.PHYS_NN_REG, system, TrainConfig(alpha=3.0))
-    assert loss.regularizers[0].weight == pytest.approx(3.0)
+    assert model_precision(noisy) == pytest.approx(0.5)
 
 
 def test_make_loss_particles():

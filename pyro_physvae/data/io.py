@@ -50,19 +50,17 @@ def load_dataset(path: str | os.PathLike, *, system: str | None = None) -> xr.Da
     return ds
 
 
-def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = None) -> xr.Dataset:
-    """Load ``<data_dir>/<split>.nc``; where it does not exist, a system with its own
-    on-disk layout (``System.read_split``, e.g. the real gait recordings) reads the split
-    from ``data_dir`` in place."""
+def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = None,
+               reader: Callable[[str | os.PathLike, str], xr.Dataset] | None = None) -> xr.Dataset:
+    """Load ``<data_dir>/<split>.nc`` (checked to hold ``system`` data, if given); where it
+    does not exist, ``reader(data_dir, split)`` reads the split in place from a system's own
+    on-disk layout (``System.read_split``, e.g. the real gait recordings; see
+    ``System.load_split``)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     path = Path(data_dir) / f"{split}.nc"
-    if not path.exists() and system is not None:
-        from pyro_physvae.systems import get_system
-
-        reader = get_system(system).read_split
-        if reader is not None:
-            return reader(data_dir, split)
+    if not path.exists() and reader is not None:
+        return reader(data_dir, split)
     return load_dataset(path, system=system)
 
 
