@@ -109,9 +109,12 @@ class PhysVAEModel(PyroModule):
         t = getattr(self, "t", None)
         return {"time": t} if t is not None and "time" in self.observation_dims else {}
 
-    def decode_sites(self, init: Tensor | None, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def decode_sites(self, init: Tensor | None, latents: Mapping[str, Tensor], *,
+                     clamp: bool = True) -> dict[str, Tensor]:
         """Curves (at least ``x_mean``) from the observed initial state (``None`` for a
-        system that reads none) and the latents named by site."""
+        system that reads none) and the latents named by site. ``clamp``: clamp the physics
+        parameters to their feasible ranges, as the generative program does; ``False``
+        decodes values beyond them (counterfactuals)."""
         raise NotImplementedError
 
     def simulate_augmentation(self, init: Tensor | None, size: int | None = None
@@ -239,7 +242,7 @@ class PhysVAEModel(PyroModule):
             raise ValueError(f"priors given for {sorted(unknown)}, which are not physics "
                              f"parameters of this model ({list(self.latent_sites)})")
         latents: dict[str, Tensor] = {}
-        call = ComponentCall(self)
+        call = ComponentCall(self, "model")
         with pyro.plate("data", n, subsample=subsample) as idx:
             init_b = None
             if init is not None:
@@ -339,7 +342,7 @@ class PhysVAEGuide(PyroModule):
             raise ValueError("the amortized guide needs the observations x")
         s = self.setting
         out: dict[str, Tensor] = {}
-        call = ComponentCall(self)
+        call = ComponentCall(self, "guide")
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
             x_b = x[idx]
             signal, locs, h = x_b, {}, self.features(x_b)

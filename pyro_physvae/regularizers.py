@@ -49,20 +49,30 @@ REGULARIZER_SITE = "physvae_regularizer"
 #: Key of the ``infer`` entry that ties a recorded site to its :class:`ComponentCall`.
 _CALL_KEY = "physvae_call"
 _call_numbers = itertools.count()
+#: The site recorders active now, innermost last (see ``ComponentCall``).
+_ACTIVE_RECORDERS: list[_SiteRecorder] = []
 
 
 class ComponentCall:
-    """One run of a Phys-VAE model or guide (a ``PyroModule``): records its sites.
+    """One run of a Phys-VAE model or guide: records its sites where regularizers find them.
 
-    :meth:`record` is ``pyro.deterministic`` with the module and the call attached, so that
-    regularizers can find them in a trace. Guide sites are marked auxiliary, as ELBOs require
-    of guide-only observed sites.
+    :meth:`record` is ``pyro.deterministic`` with the component and the call attached to the
+    site, so that :class:`PhysVAELoss` finds the model (``role="model"``; it reads the
+    model's ``noise_scale``, ``reg_weights``, ``x_event_dim``, ``simulate_augmentation``) and
+    the encoder (``role="guide"``; ``physics_mean``) in a trace, whatever the outer program.
+    :class:`~pyro_physvae.base.PhysVAEModel` and ``PhysVAEGuide`` do this in their ``forward``;
+    a model or guide written from scratch can too. Guide sites are marked auxiliary, as ELBOs
+    require of guide-only observed sites.
     """
 
-    def __init__(self, component: Any) -> None:
-        self.component = component
+    def __init__(self, component: Any, role: str) -> None:
+        if role not in ("model", "guide"):
+            raise ValueError(f"role must be 'model' or 'guide', got {role!r}")
+        self.component, self.role = component, role
         self.number = next(_call_numbers)
-        self.is_guide = not hasattr(component, "decode_sites")
+        self.is_guide = role == "guide"
+        for recorder in _ACTIVE_RECORDERS:  # known to them even if it records no site
+            recorder.add_call(self)
 
     def record(self, name: str, value: Tensor, event_dim: int | None = None) -> Tensor:
         """Record ``value`` as the deterministic site ``name`` (``event_dim``: its event
@@ -88,6 +98,7 @@ class RecordedCall:
     """The sites (by their local names) and the plate scale of one :class:`ComponentCall`."""
 
     component: Any
+    role: str
     sites: dict[str, Tensor] = field(default_factory=dict)
     scale: Any = 1.0
 
@@ -102,6 +113,17 @@ class _SiteRecorder(Messenger):
         self.scales: dict[str, Any] = {}
         self._calls: dict[int, RecordedCall] = {}
 
+    def __enter__(self):
+        _ACTIVE_RECORDERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *args):
+        _ACTIVE_RECORDERS.remove(self)
+        return super().__exit__(*args)
+
+    def add_call(self, call: ComponentCall) -> RecordedCall:
+        return self._calls.setdefault(call.number, RecordedCall(call.component, call.role))
+
     def _postprocess_message(self, msg: dict) -> None:
         if msg["type"] == "sample" and msg["infer"].get("_deterministic"):
             self.values[msg["name"]] = msg["value"]
@@ -109,7 +131,7 @@ class _SiteRecorder(Messenger):
             tag = msg["infer"].get(_CALL_KEY)
             if tag is not None:
                 call, local = tag
-                rec = self._calls.setdefault(call.number, RecordedCall(call.component))
+                rec = self.add_call(call)
                 rec.sites[local] = msg["value"]
                 rec.scale = msg["scale"]
 
@@ -401,7 +423,7 @@ class PhysVAELoss(ELBO):
         def recorded_guide(*args, **kwargs):
             with _SiteRecorder() as rec:
                 out = run_guide(*args, **kwargs)
-            guide_calls[:] = [c for c in rec.calls if not hasattr(c.component, "decode_sites")]
+            guide_calls[:] = [c for c in rec.calls if c.role == "guide"]
             return out
 
         def regularized_model(*args, **kwargs):
@@ -409,7 +431,7 @@ class PhysVAELoss(ELBO):
                 out = run_model(*args, **kwargs)
             if not self.regularizers:
                 return out
-            models = [c for c in rec.calls if hasattr(c.component, "decode_sites")]
+            models = [c for c in rec.calls if c.role == "model"]
             if not models:
                 raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
                                  "its regularizers act on models derived from PhysVAEModel")
@@ -441,7 +463,7 @@ class PhysVAELoss(ELBO):
         if self._found_kl is None:
             with torch.no_grad(), pyro.poutine.block(), _SiteRecorder() as rec:
                 model(*args, **kwargs)
-            found = [c.component for c in rec.calls if hasattr(c.component, "decode_sites")]
+            found = [c.component for c in rec.calls if c.role == "model"]
             if not found:
                 raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
                                  "its regularizers act on models derived from PhysVAEModel")

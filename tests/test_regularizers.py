@@ -14,11 +14,11 @@ from pyro.optim import Adam
 
 from pyro_physvae.regularizers import (
     REGULARIZER_SITE,
+    ComponentCall,
     PhysicsAugmentation,
     PhysVAELoss,
     PosteriorPredictiveCheck,
     Unmixing,
-    guide_deterministic,
     phys_vae_regularizers,
     squared_distance,
 )
@@ -190,9 +190,14 @@ def test_kl_weight_scales_only_the_latent_terms(elbo_cls):
 def test_repr_and_settings_passthrough():
     elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=True)
     loss = PhysVAELoss(elbo, [PosteriorPredictiveCheck(0.5), Unmixing(2.0)])
-    assert repr(loss) == "PhysVAELoss(TraceMeanField_ELBO, [ppc=0.5, unmix=2], kl_weight=1)"
+    assert repr(loss) == "PhysVAELoss(TraceMeanField_ELBO, [ppc=0.5, unmix=2], kl_weight=1 + alpha)"
+    assert loss.kl_weight == pytest.approx(1.5)  # the reference adds alpha to the KL weight
     assert loss.num_particles == 3 and loss.vectorize_particles
     assert isinstance(PhysVAELoss().elbo, Trace_ELBO)
+    assert repr(PhysVAELoss(beta=0.0)) == "PhysVAELoss(Trace_ELBO, [ppc=default, unmix=default], " \
+                                          "kl_weight=1 + alpha)"
+    with pytest.raises(ValueError, match="either regularizers or alpha"):
+        PhysVAELoss(Trace_ELBO(), [Unmixing(1.0)], alpha=1.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -200,6 +205,9 @@ def test_repr_and_settings_passthrough():
 # --------------------------------------------------------------------------------------
 X = torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, -1.0], [0.5, 0.5, 0.5], [-0.2, 0.4, 0.0]])
 MU = torch.tensor([0.3, -0.5, 1.0, 0.0])  # the guide's point mass for z
+#: The toy model's noise: sigma = 2, so its likelihood weighs squared errors by 1 / (2 sigma^2).
+SIGMA = 2.0
+PRECISION = 0.5 / SIGMA**2
 
 
 def curves(z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -209,16 +217,24 @@ def curves(z: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class ToyModel:
-    """z ~ N(0, 1) per datum; x ~ N(x_mean(z), 1); records the Phys-VAE sites."""
+    """z ~ N(0, 1) per datum; x ~ N(x_mean(z), SIGMA); records the Phys-VAE sites as a model
+    written from scratch does, with :class:`ComponentCall`."""
+
+    x_event_dim = 1
+    reg_weights = (0.5, 2.0, 0.25)
+
+    def noise_scale(self):
+        return torch.tensor(SIGMA)
 
     def __call__(self, x, subsample=None):
+        call = ComponentCall(self, "model")
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
-            pyro.deterministic("init", x[idx, 0], event_dim=0)
+            call.record("init", x[idx, 0], event_dim=0)
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             c = curves(z)
             for name, value in c.items():
-                pyro.deterministic(name, value, event_dim=1)
-            pyro.sample("x", dist.Normal(c["x_mean"], 1.0).to_event(1), obs=x[idx])
+                call.record(name, value, event_dim=1)
+            pyro.sample("x", dist.Normal(c["x_mean"], SIGMA).to_event(1), obs=x[idx])
 
     def simulate_augmentation(self, init):
         return {"omega": 2.0 * init}, init.unsqueeze(-1).expand(*init.shape, T)
@@ -228,18 +244,21 @@ class ToyGuide:
     """z is a point mass at MU (log q = 0); records an 'unmixed' signal."""
 
     def __call__(self, x, subsample=None):
+        call = ComponentCall(self, "guide")
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
-            guide_deterministic("unmixed", x[idx] * 2.0, event_dim=1)
+            call.record("unmixed", x[idx] * 2.0, event_dim=1)
             pyro.sample("z", dist.Delta(MU[idx]))
 
     def physics_mean(self, x):
         return {"omega": x.mean(-1)}
 
 
-def plain_loss(idx: torch.Tensor) -> float:
-    """-ELBO for the rows idx, scaled by N / B, in closed form."""
+def plain_loss(idx: torch.Tensor, kl_weight: float = 1.0) -> float:
+    """-ELBO for the rows idx, scaled by N / B, in closed form (log q = 0, so the KL part
+    is -log p(z))."""
     z = MU[idx]
-    lp = dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(curves(z)["x_mean"], 1.0).log_prob(X[idx]).sum(-1)
+    lp = kl_weight * dist.Normal(0.0, 1.0).log_prob(z) + \
+        dist.Normal(curves(z)["x_mean"], SIGMA).log_prob(X[idx]).sum(-1)
     return float(-(N / len(idx)) * lp.sum())
 
 
@@ -262,10 +281,15 @@ def all_regs():
     return phys_vae_regularizers(WEIGHTS["ppc"], WEIGHTS["augment"], WEIGHTS["unmix"])
 
 
-def expected_total(idx: torch.Tensor) -> float:
+def penalty(idx: torch.Tensor) -> float:
+    """The regularizers in ELBO units: reference weights times the likelihood precision,
+    scaled by N / B."""
     regs = hand_regularizers(idx)
-    penalty = sum(WEIGHTS[k] * v.sum() for k, v in regs.items())
-    return plain_loss(idx) + float(N / len(idx) * penalty)
+    return float(N / len(idx) * PRECISION * sum(WEIGHTS[k] * v.sum() for k, v in regs.items()))
+
+
+def expected_total(idx: torch.Tensor, kl_weight: float = 1.0) -> float:
+    return plain_loss(idx, kl_weight) + penalty(idx)
 
 
 @pytest.mark.parametrize("subsample", [None, torch.tensor([0, 2])])
@@ -278,14 +302,22 @@ def test_plain_elbo_matches_closed_form(subsample):
 @pytest.mark.parametrize("subsample", [None, torch.tensor([0, 2]), torch.tensor([3])])
 def test_loss_is_elbo_plus_weighted_regularizers(subsample):
     idx = torch.arange(N) if subsample is None else subsample
-    loss = PhysVAELoss(Trace_ELBO(), all_regs())
+    loss = PhysVAELoss(Trace_ELBO(), all_regs(), kl_weight=1.0)
     value = loss.loss(ToyModel(), ToyGuide(), X, subsample=subsample)
     assert value == pytest.approx(expected_total(idx), rel=1e-5)
     # Regularizers changed the loss by a clearly non-zero amount.
-    assert abs(value - plain_loss(idx)) > 1.0
+    assert abs(value - plain_loss(idx)) > 0.5
     regs = hand_regularizers(idx)
     for name, v in regs.items():
         assert loss.last_terms[name] == pytest.approx(float(v.mean()), rel=1e-5)
+
+
+def test_default_weights_and_kl_weight_come_from_the_model():
+    # No weights given: the model's reg_weights (which equal WEIGHTS), and the KL part
+    # weighted by 1 + alpha as in the reference.
+    idx = torch.tensor([0, 1, 3])
+    value = PhysVAELoss(Trace_ELBO()).loss(ToyModel(), ToyGuide(), X, subsample=idx)
+    assert value == pytest.approx(expected_total(idx, kl_weight=1.0 + WEIGHTS["ppc"]), rel=1e-5)
 
 
 def test_factor_site_holds_the_weighted_sum():
@@ -293,8 +325,7 @@ def test_factor_site_holds_the_weighted_sum():
     idx = torch.tensor([1, 3])
     model_tr, guide_tr = loss._get_trace(ToyModel(), ToyGuide(), (X,), {"subsample": idx})
     site = model_tr.nodes[REGULARIZER_SITE]
-    penalty = sum(WEIGHTS[k] * v.sum() for k, v in hand_regularizers(idx).items())
-    assert float(site["fn"].log_prob(site["value"]).sum()) == pytest.approx(-float(N / 2 * penalty), rel=1e-5)
+    assert float(site["fn"].log_prob(site["value"]).sum()) == pytest.approx(-penalty(idx), rel=1e-5)
     assert REGULARIZER_SITE not in guide_tr.nodes
 
 
@@ -324,7 +355,7 @@ def test_models_used_alone_carry_no_regularizer_site():
 )
 def test_works_with_pyro_elbos(elbo):
     idx = torch.tensor([0, 1, 3])
-    loss = PhysVAELoss(elbo, all_regs())
+    loss = PhysVAELoss(elbo, all_regs(), kl_weight=1.0)
     value = loss.loss(ToyModel(), ToyGuide(), X, subsample=idx)
     # Deterministic guide: every particle gives the same value, so all ELBOs agree.
     assert value == pytest.approx(expected_total(idx), rel=1e-5)
@@ -336,40 +367,112 @@ def test_works_with_pyro_elbos(elbo):
 
 
 def test_missing_guide_site_inside_the_loss():
-    def guide_without_unmixed(x, subsample=None):
+    class GuideWithoutUnmixed(ToyGuide):
+        def __call__(self, x, subsample=None):
+            ComponentCall(self, "guide")
+            with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+                pyro.sample("z", dist.Delta(MU[idx]))
+
+    with pytest.raises(ValueError, match="'unmixed'"):
+        PhysVAELoss(Trace_ELBO(), [Unmixing(1.0)]).loss(ToyModel(), GuideWithoutUnmixed(), X)
+
+
+def test_encoder_terms_are_left_out_with_a_warning_where_the_guide_has_no_encoder():
+    def plain_guide(x, subsample=None):  # no Phys-VAE guide (like an AutoGuide)
         with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
             pyro.sample("z", dist.Delta(MU[idx]))
 
-    with pytest.raises(ValueError, match="'unmixed'"):
-        PhysVAELoss(Trace_ELBO(), [Unmixing(1.0)]).loss(ToyModel(), guide_without_unmixed, X)
-    with pytest.raises(TypeError, match="physics_mean"):
-        PhysVAELoss(Trace_ELBO(), [PhysicsAugmentation(1.0)]).loss(ToyModel(), guide_without_unmixed, X)
+    idx = torch.arange(N)
+    loss = PhysVAELoss(Trace_ELBO(), all_regs(), kl_weight=1.0)
+    with pytest.warns(UserWarning, match="acts through the amortized encoder and is left out"):
+        value = loss.loss(ToyModel(), plain_guide, X)
+    assert loss.skipped == {"augment", "unmix"}
+    ppc_only = float(N / N * PRECISION * WEIGHTS["ppc"] * hand_regularizers(idx)["ppc"].sum())
+    assert value == pytest.approx(plain_loss(idx) + ppc_only, rel=1e-5)
+
+
+def test_no_phys_vae_model_in_the_trace_is_an_error():
+    def bare_model(x, subsample=None):
+        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand([len(idx), T]).to_event(1), obs=x[idx])
+
+    with pytest.raises(ValueError, match="no Phys-VAE model call"):
+        PhysVAELoss(Trace_ELBO(), all_regs(), kl_weight=1.0).loss(bare_model, ToyGuide(), X)
+
+
+def test_calls_are_paired_in_order_across_scopes():
+    # Two data sets sharing one model and one guide, under name scopes: each model call
+    # is regularized with its own guide call and its own plate scale.
+    from pyro.contrib.autoname import scope
+
+    x_a, x_b = X[:2], X[1:]
+    model, guide = ToyModel(), ToyGuide()
+
+    def two_models(x_a, x_b):
+        with scope(prefix="a"):
+            model(x_a)
+        with scope(prefix="b"):
+            model(x_b, subsample=torch.tensor([0, 2]))
+
+    def two_guides(x_a, x_b):
+        with scope(prefix="a"):
+            guide(x_a)
+        with scope(prefix="b"):
+            guide(x_b, subsample=torch.tensor([0, 2]))
+
+    loss = PhysVAELoss(Trace_ELBO(), [PosteriorPredictiveCheck(0.5), Unmixing(0.25)], kl_weight=1.0)
+    model_tr, _ = loss._get_trace(two_models, two_guides, (x_a, x_b), {})
+    site = model_tr.nodes[REGULARIZER_SITE]
+    sq = lambda a, b: ((a - b) ** 2).sum(-1)  # noqa: E731
+
+    def hand(x, z, scale):
+        c = curves(z)
+        ppc = 0.25 * (sq(c["x_PA"], c["x_P"]) + sq(c["x_PB"], c["x_P"]) + sq(c["x_mean"], c["x_PA"])
+                      + sq(c["x_mean"], c["x_PB"]))
+        return scale * PRECISION * (0.5 * ppc + 0.25 * sq(x * 2.0, c["x_P"])).sum()
+
+    # ToyGuide's MU is indexed by the rows of each data set.
+    rows_b = torch.tensor([0, 2])
+    expected = hand(x_a, MU[:2], 1.0) + hand(x_b[rows_b], MU[rows_b], 3 / 2)
+    assert float(site["fn"].log_prob(site["value"]).sum()) == pytest.approx(-float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="paired in order"):
+        loss.loss(two_models, lambda x_a, x_b: guide(x_a), x_a, x_b)
 
 
 # --------------------------------------------------------------------------------------
 # Optimisation: the penalty reaches the gradients, with pyro's SVI and pyro.optim.Adam
 # --------------------------------------------------------------------------------------
-def shift_model(x, subsample=None):
-    c = pyro.param("c", torch.tensor(0.0))
-    with pyro.plate("data", x.shape[0], subsample=subsample):
-        x_p = torch.zeros_like(x)
-        x_pb = x_p + c
-        pyro.deterministic("x_P", x_p, event_dim=1)
-        pyro.deterministic("x_PB", x_pb, event_dim=1)
-        pyro.deterministic("x_mean", x_pb, event_dim=1)
-        pyro.sample("x", dist.Normal(x_pb, 1.0).to_event(1), obs=x)
+class ShiftModel:
+    """x_PB = x_P + c with a learnt shift c, unit noise precision (sigma^2 = 1/2)."""
+
+    x_event_dim = 1
+
+    def noise_scale(self):
+        return torch.tensor(0.5**0.5)
+
+    def __call__(self, x, subsample=None):
+        c = pyro.param("c", torch.tensor(0.0))
+        call = ComponentCall(self, "model")
+        with pyro.plate("data", x.shape[0], subsample=subsample):
+            x_p = torch.zeros_like(x)
+            x_pb = x_p + c
+            call.record("x_P", x_p, event_dim=1)
+            call.record("x_PB", x_pb, event_dim=1)
+            call.record("x_mean", x_pb, event_dim=1)
+            pyro.sample("x", dist.Normal(x_pb, 0.5**0.5).to_event(1), obs=x)
 
 
 def empty_guide(x, subsample=None):
     pass
 
 
-@pytest.mark.parametrize(("weight", "optimum"), [(0.0, 1.0), (0.5, 0.5), (1.5, 0.25)])
+@pytest.mark.parametrize(("weight", "optimum"), [(0.0, 1.0), (0.5, 2 / 3), (1.5, 0.4)])
 def test_svi_with_adam_reaches_the_regularized_optimum(weight, optimum):
-    # Per datum: 0.5 T (c - 1)^2 + weight T c^2, minimised at c = 1 / (1 + 2 weight).
+    # Per datum: T (c - 1)^2 + weight T c^2 (precision 1), minimised at c = 1 / (1 + weight).
     x = torch.ones(6, T)
     loss = PhysVAELoss(Trace_ELBO(), [PosteriorPredictiveCheck(weight)])
-    svi = SVI(shift_model, empty_guide, Adam({"lr": 0.05}), loss=loss)
+    svi = SVI(ShiftModel(), empty_guide, Adam({"lr": 0.05}), loss=loss)
     for _ in range(300):
         svi.step(x)
     assert float(pyro.param("c").detach()) == pytest.approx(optimum, abs=0.02)
@@ -381,8 +484,72 @@ def test_loss_and_grads_gradient_matches_closed_form():
     loss = PhysVAELoss(Trace_ELBO(), [PosteriorPredictiveCheck(w)])
     pyro.param("c", torch.tensor(0.2))
     with poutine.trace(param_only=True) as tr:
-        loss.loss_and_grads(shift_model, empty_guide, x)
+        loss.loss_and_grads(ShiftModel(), empty_guide, x)
     c = tr.trace.nodes["c"]["value"].unconstrained()
-    # d/dc sum_n [0.5 T (c - 1)^2 + w T c^2] = 6 T ((c - 1) + 2 w c)
-    expected = 6 * T * ((0.2 - 1.0) + 2 * w * 0.2)
+    # d/dc sum_n [T (c - 1)^2 + w T c^2] = 6 T (2 (c - 1) + 2 w c)
+    expected = 6 * T * (2 * (0.2 - 1.0) + 2 * w * 0.2)
     assert math.isclose(float(c.grad), expected, rel_tol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Composition: a hierarchical program around a real Phys-VAE model and encoder
+# --------------------------------------------------------------------------------------
+def test_regularizers_act_inside_a_hierarchical_program():
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_physvae.guides import PendulumGuide
+    from pyro_physvae.models import PendulumModel
+
+    pendulum = PendulumModel("phys+nn+reg", n_steps=8, dt=0.1, hidden_aux1=(8,), hidden_aux2=(8,))
+    encoder = PendulumGuide(pendulum, hidden_feat=(8,), feat_dim=8, hidden_aux=(8,), hidden_unmixer=(8,),
+                            hidden_phys=(8,))
+    x = 0.5 * torch.cos(torch.linspace(0, 2, 8)).expand(6, 8) + 0.01 * torch.randn(6, 8)
+
+    def population(x, subsample=None):
+        mu = pyro.sample("mu", dist.Normal(2.0, 1.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        return pendulum(x, subsample=subsample, priors={"omega": dist.Normal(mu, sigma)})
+
+    globals_guide = AutoNormal(poutine.block(population, expose=["mu", "sigma"]))
+
+    def guide(x, subsample=None):
+        globals_guide(x, subsample=subsample)
+        encoder(x, subsample=subsample)
+
+    alpha, gamma = 0.3, 0.7
+    loss = PhysVAELoss(Trace_ELBO(), alpha=alpha, beta=0.0, gamma=gamma)
+    idx = torch.tensor([0, 2, 5])
+    model_tr, guide_tr = loss._get_trace(population, guide, (x,), {"subsample": idx})
+    c = {k: model_tr.nodes[k]["value"] for k in ("x_P", "x_PA", "x_PB", "x_mean")}
+    sq = lambda a, b: ((a - b) ** 2).sum(-1)  # noqa: E731
+    ppc = 0.25 * (sq(c["x_PA"], c["x_P"]) + sq(c["x_PB"], c["x_P"]) + sq(c["x_mean"], c["x_PA"])
+                  + sq(c["x_mean"], c["x_PB"]))
+    unmix = sq(guide_tr.nodes["unmixed"]["value"], c["x_P"])
+    precision = 0.5 / float(pendulum.noise_scale()) ** 2
+    expected = (6 / 3) * precision * (alpha * ppc + gamma * unmix).sum()
+    site = model_tr.nodes[REGULARIZER_SITE]
+    assert float(site["fn"].log_prob(site["value"]).sum().detach()) == pytest.approx(-float(expected), rel=1e-4)
+    assert float(expected) > 0
+    # The model's default weights, R_DA,2 included, also run; SVI steps change the encoder.
+    loss = PhysVAELoss(TraceMeanField_ELBO())
+    svi = SVI(population, guide, Adam({"lr": 1e-2}), loss=loss)
+    before = [p.detach().clone() for p in encoder.parameters()]
+    for _ in range(3):
+        assert math.isfinite(svi.step(x, subsample=idx))
+    assert set(loss.last_terms) == {"ppc", "augment", "unmix"} and not loss.skipped
+    assert loss.kl_weight_for(pendulum) == pytest.approx(1.0 + pendulum.reg_weights[0])
+    assert any(not torch.equal(b, p) for b, p in zip(before, encoder.parameters(), strict=True))
+
+
+def test_autoguide_swap_needs_no_weights_by_hand():
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_physvae.models import PendulumModel
+
+    pendulum = PendulumModel("phys+nn+reg", n_steps=8, dt=0.1, hidden_aux1=(8,), hidden_aux2=(8,))
+    x = 0.5 * torch.cos(torch.linspace(0, 2, 8)).expand(4, 8)
+    loss = PhysVAELoss(Trace_ELBO())
+    with pytest.warns(UserWarning, match="'augment' acts through the amortized encoder"):
+        value = loss.loss(pendulum, AutoNormal(pendulum), x)
+    assert math.isfinite(value)
+    assert loss.skipped == {"augment", "unmix"} and set(loss.last_terms) == {"ppc"}
