@@ -204,5 +204,6 @@ class AdvDifModel(PhysVAEModel):
 
     # -- the Pyro model ------------------------------------------------------------------
     def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor], *,
-                     n_steps: int | None = None) -> dict[str, Tensor]:
-        return self.decode(init, latents.get("diffusion"), latents.get("z_A1"), n_steps=n_steps)
+                     n_steps: int | None = None, clamp: bool = True) -> dict[str, Tensor]:
+        return self.decode(init, latents.get("diffusion"), latents.get("z_A1"), n_steps=n_steps,
+                           clamp=clamp)

@@ -250,9 +250,10 @@ class GalaxyModel(PhysVAEModel):
         return truth, self.physics_image(truth)
 
     # -- the Pyro model ------------------------------------------------------------------
-    def decode_sites(self, init: None, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def decode_sites(self, init: None, latents: Mapping[str, Tensor], *,
+                     clamp: bool = True) -> dict[str, Tensor]:
         params = {p.name: latents[p.name] for p in self.physics_parameters} or None
-        return self.decode(params, latents.get("z_A2"))
+        return self.decode(params, latents.get("z_A2"), clamp=clamp)
 
 
 def _with_ranges(params: Sequence[ImageParameter], ranges: Mapping[str, Sequence[float]] | None

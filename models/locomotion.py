@@ -212,7 +212,9 @@ class LocomotionModel(PhysVAEModel):
         x_pb = x_p + residual
         return {"x_P": x_p, "x_PB": x_pb, "x_mean": x_pb}
 
-    def decode_sites(self, init: Tensor | None, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def decode_sites(self, init: Tensor | None, latents: Mapping[str, Tensor], *,
+                     clamp: bool = True) -> dict[str, Tensor]:
+        # ``clamp`` has nothing to act on: this model's latents have no feasible ranges.
         return self.decode(latents["y0"], latents.get("z_P"), latents.get("z_A2"))
 
 

@@ -264,8 +264,10 @@ class PendulumModel(PhysVAEModel):
         return {"omega": omega}, self.physics_only(init, omega)
 
     # -- the Pyro model ------------------------------------------------------------------
-    def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.decode(init, latents.get("omega"), latents.get("z_A1"), latents.get("z_A2"))
+    def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor], *,
+                     clamp: bool = True) -> dict[str, Tensor]:
+        return self.decode(init, latents.get("omega"), latents.get("z_A1"), latents.get("z_A2"),
+                           clamp=clamp)
 
     def forward(
         self,

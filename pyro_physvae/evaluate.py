@@ -1,10 +1,20 @@
-"""Evaluation of trained runs: posterior samples, metrics, figures and counterfactuals."""
+"""Evaluation of trained runs: posterior samples, metrics, figures and counterfactuals.
+
+What is particular to a system reaches this module only through its
+:class:`~pyro_physvae.systems.System` entry: its own evaluation (``evaluator``), its
+reconstruction figure (``plot_reconstructions``), further metrics (``extra_metrics``), the
+per-sequence covariates whose correlation with the latents is reported (``covariates``) and the
+truth of counterfactuals (``counterfactual_truth``). Without them, a system gets the generic
+evaluation of :func:`default_evaluator` and the figures of :mod:`pyro_physvae.figures`, which
+take any observation ``(N, *channels, T)``.
+"""
 
 from __future__ import annotations
 
-import json
+import inspect
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +44,22 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     plot_calibration,
     sample_posterior,
 )
+from pyro_physvae.figures import (  # noqa: E402
+    as_channels,
+    plot_channel_reconstructions,
+    plot_counterfactual,
+    plot_parameter,
+    save_figure,
+)
 from pyro_physvae.files import atomic_write  # noqa: E402
+from pyro_physvae.report import INTERVAL, iwae_summary, parameter_metrics, write_json  # noqa: E402
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.systems import System, get_system  # noqa: E402
 from pyro_physvae.train import build_pair, resolve_device  # noqa: E402
 from pyro_physvae.validation import check_positive_int  # noqa: E402
 
-#: Central posterior interval used for coverage and bands.
-INTERVAL = 0.90
+#: Factors of the physics parameter in :func:`counterfactual` by default.
+COUNTERFACTUAL_FACTORS = (0.2, 0.5, 1.0, 2.0, 3.0)
 
 
 @dataclass
@@ -105,20 +123,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
     return Run(system, setting, model, guide, state, run_dir, kind)
 
 
-def parameter_metrics(samples: Tensor, truth: np.ndarray, level: float = INTERVAL) -> dict[str, float]:
-    """MAE, RMSE and Pearson correlation of the posterior mean; coverage and mean width of
-    the central interval. ``samples (S, N)``, ``truth (N,)``."""
-    mean = samples.mean(0).cpu().numpy()
-    lo, hi = (v.cpu().numpy() for v in central_interval(samples, level))
-    err = mean - truth
-    corr = float(np.corrcoef(mean, truth)[0, 1]) if len(truth) > 1 and mean.std() > 0 else math.nan
-    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())),
-            "corr": corr, f"coverage{int(level * 100)}": float(((truth >= lo) & (truth <= hi)).mean()),
-            "interval_width": float((hi - lo).mean())}
-
-
 def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
-                    physics_names: tuple[str, ...]) -> dict[str, Any]:
+                    physics: tuple[str, ...]) -> dict[str, Any]:
     """Reconstruction MSE of the posterior-mean reconstruction (per element) and, for every
     physics parameter with a true value in ``ds``, its error, correlation and coverage."""
     recon = draws["x_mean"].mean(0)
@@ -129,19 +135,19 @@ def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
         out["physics_only_variance_explained"] = variance_explained(x, draws["x_P"].mean(0))
     lo, hi = central_interval(draws["x"], INTERVAL)
     out["predictive_coverage90"] = float(((x >= lo) & (x <= hi)).float().mean())
-    for name in physics_names:
+    for name in physics:
         if name in ds and name in draws:
             out[name] = parameter_metrics(draws[name], ds[name].values)
     return out
 
 
 def variance_explained(x: Tensor, curve: Tensor) -> float:
-    """``1 - sum (x - curve)^2 / sum (x - mean)^2`` over all elements of ``x (N, *event)``,
-    the mean taken per channel (the dimension after the sequence one: each joint angle,
-    each grid point) over sequences and time; for ``(N, T)`` one overall mean."""
-    dims = (0, *range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True) if x.dim() > 2 else x.mean()
-    return float(1.0 - (x - curve).pow(2).sum() / (x - mean).pow(2).sum())
+    """``1 - sum (x - curve)^2 / sum (x - mean)^2`` over all elements of observations
+    ``x (N, *channels, T)``, the mean taken per channel (each joint angle, each grid point)
+    over sequences and time; a single series ``(N, T)`` is one channel, one overall mean."""
+    xs = as_channels(x)
+    mean = xs.mean((0, 2), keepdim=True)
+    return float(1.0 - (xs - as_channels(curve)).pow(2).sum() / (xs - mean).pow(2).sum())
 
 
 def latent_correlations(draws: dict[str, Tensor], ds: xr.Dataset, covariates: tuple[str, ...],
@@ -153,7 +159,7 @@ def latent_correlations(draws: dict[str, Tensor], ds: xr.Dataset, covariates: tu
     for site in sites:
         if site in draws:
             m = draws[site].mean(0).cpu().numpy()
-            m = m[:, None] if m.ndim == 1 else m.reshape(m.shape[0], -1)
+            m = m.reshape(m.shape[0], -1)  # (N, dims): a scalar latent is one column
             for i in range(m.shape[1]):
                 means[f"{site}[{i}]"] = m[:, i]
     out: dict[str, Any] = {}
@@ -170,147 +176,26 @@ def latent_correlations(draws: dict[str, Tensor], ds: xr.Dataset, covariates: tu
     return out
 
 
-def plot_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], path: Path,
-                         n: int = 9) -> Path:
-    """Data, posterior-mean reconstruction, 90% posterior-predictive band and, where the
-    model has physics, the physics-only curve, for the first ``n`` sequences. Space-time
-    fields ``(N, X, T)`` are drawn as images by :func:`plot_field_reconstructions`, several
-    channels over time ``(N, C, T)`` by :func:`plot_channel_reconstructions`."""
-    if x.dim() == 4:  # images (N, bands, rows, cols)
-        from pyro_physvae.images import plot_image_reconstructions
-
-        return plot_image_reconstructions(ds, x, draws, path, n=min(n, 6))
-    if x.dim() == 3:
-        if ds["x"].dims[1] == "space":
-            return plot_field_reconstructions(ds, x, draws, path, n=min(n, 3))
-        return plot_channel_reconstructions(ds, x, draws, path, n=min(n, 4))
-    t = ds["time"].values
-    n = min(n, x.shape[0])
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
-    lo, hi = central_interval(draws["x"], INTERVAL)
-    for i, ax in enumerate(axes.flat):
-        if i >= n:
-            ax.axis("off")
-            continue
-        ax.fill_between(t, lo[i].cpu(), hi[i].cpu(), color="C0", alpha=0.25, label="90% predictive")
-        ax.plot(t, draws["x_mean"][:, i].mean(0).cpu(), color="C0", label="reconstruction")
-        if "x_P" in draws:
-            ax.plot(t, draws["x_P"][:, i].mean(0).cpu(), "--", color="C2", label="physics only")
-        ax.plot(t, x[i].cpu(), ".", color="k", ms=3, label="data")
-        ax.set_title(f"sequence {int(ds['sequence'][i])}", fontsize=9)
-    axes.flat[0].legend(fontsize=7)
-    for ax in axes[-1]:
-        ax.set_xlabel(f"time [{ds['time'].attrs.get('units', 's')}]")
-    return _save(fig, path)
+def plot_reconstructions(system: System, ds: xr.Dataset, x: Tensor, draws: Mapping[str, Tensor],
+                         path: Path) -> Path:
+    """The reconstruction figure of ``system`` (its ``plot_reconstructions``; default:
+    :func:`~pyro_physvae.figures.plot_channel_reconstructions`, each channel of the
+    observations ``(N, *channels, T)`` over time). ``draws``: ``x``, ``x_mean`` and
+    optionally ``x_P``, each ``(S, N, *channels, T)``."""
+    plot = system.plot_reconstructions or plot_channel_reconstructions
+    return plot(ds, x, draws, path)
 
 
-def plot_channel_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], path: Path,
-                                 n: int = 4) -> Path:
-    """Series with several channels ``(N, C, T)`` (e.g. joint angles): one row per sequence
-    (the first ``n``), one panel per channel, each with the data, the posterior-mean
-    reconstruction, its 90% posterior-predictive band and the physics-only part ``x_P``."""
-    n, channels = min(n, x.shape[0]), x.shape[1]
-    t = ds["cycle_percent"].values if "cycle_percent" in ds.coords else ds["time"].values
-    xlabel = "gait cycle [%]" if "cycle_percent" in ds.coords else "time"
-    lo, hi = central_interval(draws["x"], INTERVAL)
-    fig, axes = plt.subplots(n, channels, figsize=(3.4 * channels, 2.3 * n), squeeze=False)
-    for i in range(n):
-        for c in range(channels):
-            ax = axes[i, c]
-            ax.fill_between(t, lo[i, c].cpu(), hi[i, c].cpu(), color="C0", alpha=0.25,
-                            label="90% predictive")
-            ax.plot(t, draws["x_mean"][:, i, c].mean(0).cpu(), color="C0", label="reconstruction")
-            if "x_P" in draws:
-                ax.plot(t, draws["x_P"][:, i, c].mean(0).cpu(), "--", color="C2",
-                        label="physics only")
-            ax.plot(t, x[i, c].cpu(), ".", color="k", ms=2, label="data")
-            ax.set_title(f"sequence {int(ds['sequence'][i])}, channel {c}", fontsize=8)
-    axes[0, 0].legend(fontsize=6)
-    for ax in axes[-1]:
-        ax.set_xlabel(xlabel)
-    return _save(fig, path)
+def physics_names(model: PyroModule) -> tuple[str, ...]:
+    """Names of the model's physics parameters (none for nn-only)."""
+    return tuple(p.name for p in model.physics_parameters)
 
 
-def plot_field_reconstructions(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor], path: Path,
-                               n: int = 3) -> Path:
-    """For the first ``n`` fields ``(X, T)``: data, posterior-mean reconstruction, the
-    physics-only part (where the model has physics) and reconstruction minus data."""
-    rows = []
-    for i in range(min(n, x.shape[0])):
-        recon = draws["x_mean"][:, i].mean(0)
-        row = {"data": x[i], "reconstruction": recon}
-        if "x_P" in draws:
-            row["physics only"] = draws["x_P"][:, i].mean(0)
-        row["reconstruction - data"] = recon - x[i]
-        rows.append({k: v.cpu().numpy() for k, v in row.items()})
-    t = ds["time"].values
-    return plot_field_grid(rows, path, t_max=float(t[-1]), signed=("reconstruction - data",),
-                           labels=[f"sequence {int(s)}" for s in ds["sequence"].values[:len(rows)]])
-
-
-def plot_field_grid(rows: list[dict[str, np.ndarray]], path: Path, *, t_max: float,
-                    signed: tuple[str, ...] = (), labels: list[str] | None = None,
-                    title: str = "") -> Path:
-    """Images of fields ``(X, T)``, space vertical and time horizontal: one row per entry of
-    ``rows``, one panel per key. Panels named in ``signed`` (differences) get a diverging
-    colour map symmetric about zero; the others share their row's colour range."""
-    cols = len(rows[0])
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3.6 * cols, 2.2 * len(rows) + 0.4),
-                             squeeze=False)
-    for r, row in enumerate(rows):
-        vmax = max(float(np.abs(v).max()) for k, v in row.items() if k not in signed) or 1.0
-        for ax, (key, img) in zip(axes[r], row.items(), strict=True):
-            lim = max(float(np.abs(img).max()), 1e-12) if key in signed else vmax
-            im = ax.imshow(img, aspect="auto", cmap="RdBu_r" if key in signed else "viridis",
-                           vmin=-lim, vmax=lim, interpolation="nearest",
-                           extent=(0.0, t_max, img.shape[0] - 0.5, -0.5))
-            fig.colorbar(im, ax=ax, fraction=0.046)
-            ax.set_title(key if labels is None else f"{key}, {labels[r]}", fontsize=8)
-            ax.set_ylabel("grid point", fontsize=8)
-    for ax in axes[-1]:
-        ax.set_xlabel("time [s]")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
-
-
-def plot_parameter(truth: np.ndarray, samples: Tensor, name: str, path: Path) -> Path:
-    """Posterior mean with 90% intervals against the true value."""
-    mean = samples.mean(0).cpu().numpy()
-    lo, hi = (v.cpu().numpy() for v in central_interval(samples, INTERVAL))
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.errorbar(truth, mean, yerr=[mean - lo, hi - mean], fmt=".", ms=3, alpha=0.5, elinewidth=0.5)
-    edge = [min(truth.min(), lo.min()), max(truth.max(), hi.max())]
-    ax.plot(edge, edge, "k--", lw=1)
-    ax.set_xlabel(f"true {name}")
-    ax.set_ylabel(f"inferred {name} (mean, 90% interval)")
-    return _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    """JSON with NaN written as null."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(u) for k, u in v.items()}
-        if isinstance(v, list | tuple):
-            return [clean(u) for u in v]
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(obj), indent=2))
-    return path
+def _header(run: Run, split: str, num_samples: int, refine_steps: int) -> dict[str, Any]:
+    """What every report of a run says first: system, setting, split, epoch, draws."""
+    return {"system": run.system.name, "setting": run.setting.value, "split": split,
+            "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
+            "refine_steps": refine_steps}
 
 
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
@@ -323,53 +208,52 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     log-likelihood per sequence (``iwae_particles`` importance samples), which compares
     settings. An AutoGuide run fits its guide on the split first (``guide_steps`` steps); an
     amortized run's posterior is refined per sequence for ``refine_steps`` steps if that is
-    positive (semi-amortized inference; ``0``: the encoder's posterior as it is)."""
+    positive (semi-amortized inference; ``0``: the encoder's posterior as it is).
+
+    The evaluation is the system's ``evaluator`` where it has one, else
+    :func:`default_evaluator`.
+    """
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = run.load(split, data_dir)
     x = run.system.observations(ds, device)
     guide = run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
-    if x.dim() == 4:  # images (N, bands, rows, cols): streamed summaries, image figures, traversals
-        from pyro_physvae.images import evaluate_images
-
-        out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
-        return evaluate_images(run, guide, ds, x, out, split=split, num_samples=num_samples,
-                               iwae_particles=iwae_particles, seed=seed,
-                               refine_steps=run.applied_refine_steps(refine_steps))
-    draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
-    physics = tuple(p.name for p in run.model.physics_parameters)
-    iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
-    metrics = {"system": run.system.name, "setting": run.setting.value, "split": split,
-               "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
-               "refine_steps": run.applied_refine_steps(refine_steps),
-               **compute_metrics(ds, x, draws, physics), "iwae_log_likelihood": _iwae_summary(iwae)}
-    if run.system.covariates:
-        metrics["latent_correlations"] = latent_correlations(
-            draws, ds, run.system.covariates, tuple(run.model.latent_sites))
-    if callable(getattr(run.model, "energy_drift", None)) and run.setting.has_physics:
-        metrics["energy"] = energy_report(run.model, draws)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
-    plot_reconstructions(ds, x, draws, out / "reconstructions.png")
+    evaluator = run.system.evaluator or default_evaluator
+    return evaluator(run, guide, ds, x, out, split=split, num_samples=num_samples,
+                     iwae_particles=iwae_particles, seed=seed,
+                     refine_steps=run.applied_refine_steps(refine_steps))
+
+
+def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out: Path, *,
+                      split: str = "test", num_samples: int = 100, iwae_particles: int = 50,
+                      seed: int = 0, refine_steps: int = 0) -> dict[str, Any]:
+    """The evaluation of a system without its own ``evaluator``.
+
+    From ``num_samples`` posterior draws of ``guide`` on the observations ``x (N, *event)``
+    of ``ds``: :func:`compute_metrics`, the IWAE log-likelihood (``iwae_particles``
+    particles), the latents' correlations with the system's ``covariates`` and the system's
+    ``extra_metrics``; writes ``metrics.json``, ``reconstructions.png`` (see
+    :func:`plot_reconstructions`) and ``<parameter>.png`` per physics parameter with a truth
+    to ``out``. ``refine_steps`` (already given to ``guide``) is recorded. Returns the metrics.
+    """
+    system, model = run.system, run.model
+    draws = sample_posterior(model, guide, x, num_samples, seed=seed)
+    physics = physics_names(model)
+    iwae = iwae_log_likelihood(model, guide, x, iwae_particles, seed=seed)
+    metrics = {**_header(run, split, num_samples, refine_steps), **compute_metrics(ds, x, draws, physics),
+               "iwae_log_likelihood": iwae_summary(iwae)}
+    if system.covariates:
+        metrics["latent_correlations"] = latent_correlations(draws, ds, system.covariates,
+                                                             tuple(model.latent_sites))
+    if system.extra_metrics is not None:
+        metrics.update(system.extra_metrics(model, draws, ds))
+    plot_reconstructions(system, ds, x, draws, out / "reconstructions.png")
     for name in physics:
         if name in ds:
-            plot_parameter(ds[name].values, draws[name], name, out / f"{name}.png")
+            plot_parameter(ds[name].values, draws[name], name, out / f"{name}.png",
+                           units=ds[name].attrs.get("units", ""))
     write_json(metrics, out / "metrics.json")
     return metrics
-
-
-def energy_report(model: PyroModule, draws: dict[str, Tensor]) -> dict[str, Any]:
-    """Conservation of a learnt energy along the physics-only trajectories of the
-    posterior-mean latents, with the model's own solver and step (``model.energy_drift``):
-    the relative drift over the window by its median, mean and maximum over sequences, and
-    the absolute drift."""
-    y0 = draws["y0"].mean(0)
-    z = draws["z_P"].mean(0) if "z_P" in draws else None
-    result = model.energy_drift(y0, z)
-    rel = result["relative"]
-    return {"solver": model.method, "step": model.dt / model.substeps,
-            "relative_drift_median": float(rel.median()), "relative_drift_mean": float(rel.mean()),
-            "relative_drift_max": float(rel.max()),
-            "absolute_drift_median": float(result["drift"].median()),
-            "energy0_std": float(result["energy"][:, 0].std())}
 
 
 def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
@@ -402,7 +286,7 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
 
     guide = guide_for(x)
     draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
-    physics = tuple(p.name for p in run.model.physics_parameters)
+    physics = physics_names(run.model)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"diagnose-{split}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -413,26 +297,18 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
         summary.to_csv(out / "summary.csv")
     iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
     report: dict[str, Any] = {
-        "system": run.system.name, "setting": run.setting.value, "guide": run.guide_kind,
-        "split": split, "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
-        "refine_steps": run.applied_refine_steps(refine_steps),
-        **compute_metrics(ds, x, draws, physics),
-        "iwae_log_likelihood": _iwae_summary(iwae),
+        **_header(run, split, num_samples, run.applied_refine_steps(refine_steps)),
+        "guide": run.guide_kind, **compute_metrics(ds, x, draws, physics),
+        "iwae_log_likelihood": iwae_summary(iwae),
     }
     report["calibration"] = _calibrate(run, draws, ds, physics, data_dir, calibrate_on, num_samples,
                                        guide_for, seed, out)
-    plot_reconstructions(ds, x, draws, out / "reconstructions.png")
+    plot_reconstructions(run.system, ds, x, draws, out / "reconstructions.png")
     _plot_forest(idata, physics, ds, out / "posterior.png")
     az.plot_ppc(idata, num_pp_samples=min(50, num_samples), random_seed=seed)
-    _save(plt.gcf(), out / "ppc.png")
+    save_figure(plt.gcf(), out / "ppc.png")
     write_json(report, out / "diagnostics.json")
     return report
-
-
-def _iwae_summary(iwae: Tensor) -> dict[str, float]:
-    """Mean (with its standard error) and median of per-sequence IWAE log-likelihoods [nats]."""
-    return {"mean": float(iwae.mean()), "stderr": float(iwae.std() / math.sqrt(iwae.numel())),
-            "median": float(iwae.median())}
 
 
 def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tuple[str, ...],
@@ -493,74 +369,87 @@ def _plot_forest(idata: az.InferenceData, physics: tuple[str, ...], ds: xr.Datas
             # plot_forest lists the first sequence at the top.
             ax.plot(truth, sorted(ticks, reverse=True)[:len(truth)], "x", color="C3", label=f"true {name}")
     ax.legend(fontsize=7)
-    _save(ax.figure, path)
+    save_figure(ax.figure, path)
 
 
 def counterfactual(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
-                   factors: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 3.0), n_sequences: int = 100,
-                   num_samples: int = 100, out_dir: str | Path | None = None,
+                   factors: Sequence[float] = COUNTERFACTUAL_FACTORS, parameter: str | None = None,
+                   n_sequences: int = 100, num_samples: int = 100, out_dir: str | Path | None = None,
                    checkpoint: str = "best.pt", seed: int = 0) -> dict[str, Any]:
-    """Decode sequences with their inferred omega multiplied by each factor and compare with
-    the true forced damped pendulum whose omega is multiplied by the same factor.
+    """Decode sequences with one inferred physics parameter multiplied by each factor and
+    compare with the system's truth with the true parameter multiplied by the same factor
+    (the system's ``counterfactual_truth``).
 
-    The other latents stay at their posterior means; omega is not clamped to its range, so
-    factors up to 3 leave the training range. Writes ``counterfactual.json`` (MSE per factor
-    for the full model and its physics-only part) and ``counterfactual.png``.
+    The other latents stay at their posterior means (``num_samples`` draws); the scaled
+    parameter is not clamped to its feasible range, so factors such as 3 leave the training
+    range. ``parameter``: the physics parameter to scale (default: the model's first).
+    Writes ``counterfactual.json`` (per factor the MSE of the full decoding and, where the
+    model records one, of its physics-only part ``x_P``, against the truth) and
+    ``counterfactual.png`` to ``out_dir`` (default ``run_dir/counterfactual-<split>``).
+
+    Raises:
+        ValueError: a factor that is not positive and finite; a system without
+            ``counterfactual_truth``; a model without physics parameters; an unknown
+            ``parameter``.
     """
-    from pyro_physvae.data.pendulum import forced_damped_pendulum
-
+    factors = tuple(float(f) for f in factors)
     for f in factors:
         if not (math.isfinite(f) and f > 0):
             raise ValueError(f"factors must be positive and finite, got {f}")
     run = load_run(run_dir, checkpoint)
-    if run.system.name != "pendulum":
-        raise ValueError(f"counterfactuals are defined for the pendulum, not {run.system.name!r}")
-    if not run.setting.has_physics:
-        raise ValueError("a counterfactual needs a physics parameter; the nn-only model has none")
+    name = _counterfactual_parameter(run, parameter)
     ds = run.load(split, data_dir)
-    missing = [v for v in ("init", "omega", "damping", "forcing_amplitude", "forcing_frequency")
-               if v not in ds]
-    if missing:
-        raise ValueError(f"{split} data lacks the true parameters {missing} needed for the truth")
     ds = ds.isel(sequence=slice(0, check_positive_int(n_sequences, "n_sequences")))
     x = run.system.observations(ds)
     draws = sample_posterior(run.model, run.guide_for(x, seed=seed), x, num_samples, seed=seed)
     mean = {k: draws[k].mean(0) for k in run.model.latent_sites}
-    t = torch.tensor(ds["time"].values)
-    truth_params = [torch.tensor(ds[v].values) for v in
-                    ("init", "omega", "damping", "forcing_amplitude", "forcing_frequency")]
-    results, curves = [], {}
+    init = run.model.initial_condition(x)
+    results, curves, clamped = [], {}, False
     with torch.no_grad():
         for f in factors:
-            omega = mean["omega"] * f
-            dec = run.model.decode(x[:, 0], omega, mean.get("z_A1"), mean.get("z_A2"), clamp=False)
-            p = list(truth_params)
-            p[1] = p[1] * f
-            true = forced_damped_pendulum(*p, t).to(x.dtype)
-            results.append({"factor": f,
-                            "mse": float((dec["x_mean"] - true).pow(2).mean()),
-                            "physics_only_mse": float((dec["x_P"] - true).pow(2).mean())})
-            curves[f] = (true, dec["x_mean"], dec["x_P"])
+            true = run.system.counterfactual_truth(ds, name, f).to(x.dtype)
+            dec, clamped = decode_unclamped(run.model, init, {**mean, name: mean[name] * f})
+            row = {"factor": f, "mse": float((dec["x_mean"] - true).pow(2).mean())}
+            if "x_P" in dec:
+                row["physics_only_mse"] = float((dec["x_P"] - true).pow(2).mean())
+            results.append(row)
+            curves[f] = (true, dec["x_mean"], dec.get("x_P"))
     out = Path(out_dir) if out_dir else Path(run_dir) / f"counterfactual-{split}"
-    _plot_counterfactual(ds["time"].values, curves, out / "counterfactual.png")
-    report = {"system": "pendulum", "setting": run.setting.value, "split": split,
-              "n_sequences": int(x.shape[0]), "results": results}
+    plot_counterfactual(ds, curves, name, out / "counterfactual.png")
+    report = {"system": run.system.name, "setting": run.setting.value, "split": split,
+              "parameter": name, "clamped": clamped, "n_sequences": int(x.shape[0]), "results": results}
     write_json(report, out / "counterfactual.json")
     return report
 
 
-def _plot_counterfactual(t: np.ndarray, curves: dict[float, tuple[Tensor, Tensor, Tensor]],
-                         path: Path, n: int = 3) -> Path:
-    factors = list(curves)
-    fig, axes = plt.subplots(n, len(factors), figsize=(2.8 * len(factors), 2.2 * n), squeeze=False)
-    for j, f in enumerate(factors):
-        true, full, phys = curves[f]
-        for i in range(min(n, true.shape[0])):
-            ax = axes[i, j]
-            ax.plot(t, true[i], "k", lw=1.2, label="truth")
-            ax.plot(t, full[i], "C0", label="Phys-VAE")
-            ax.plot(t, phys[i], "C2--", label="physics part")
-            if i == 0:
-                ax.set_title(f"omega x {f:g}", fontsize=9)
-    axes[0, 0].legend(fontsize=7)
-    return _save(fig, path)
+def _counterfactual_parameter(run: Run, parameter: str | None) -> str:
+    """The physics parameter a counterfactual scales, after checking that the run's system
+    and model allow one."""
+    if run.system.counterfactual_truth is None:
+        raise ValueError(f"the {run.system.name} system has no counterfactual truth: its System "
+                         "entry sets no counterfactual_truth(ds, name, factor) hook")
+    physics = physics_names(run.model)
+    if not physics:
+        raise ValueError(f"a counterfactual needs a physics parameter; the {run.setting.value} model "
+                         "has none")
+    if parameter is None:
+        return physics[0]
+    if parameter not in physics:
+        raise ValueError(f"{parameter!r} is not a physics parameter of this model; choose one of "
+                         f"{list(physics)}")
+    return parameter
+
+
+def decode_unclamped(model: PyroModule, init: Tensor | None, latents: Mapping[str, Tensor]
+                     ) -> tuple[dict[str, Tensor], bool]:
+    """``model.decode_sites(init, latents, clamp=False)``, and ``False`` (not clamped).
+
+    A model whose ``decode_sites`` takes no ``clamp`` keyword decodes as it always does,
+    with a warning, and ``True`` is returned: its physics parameters may have been clamped.
+    """
+    params = inspect.signature(model.decode_sites).parameters
+    if "clamp" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return model.decode_sites(init, latents, clamp=False), False
+    warnings.warn(f"{type(model).__name__}.decode_sites takes no clamp= keyword: values beyond the "
+                  "feasible range may be clamped", stacklevel=2)
+    return model.decode_sites(init, latents), True

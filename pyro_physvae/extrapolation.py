@@ -25,7 +25,9 @@ import torch  # noqa: E402
 from pyro.infer import Predictive  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from pyro_physvae.evaluate import _save, load_run, plot_field_grid, write_json  # noqa: E402
+from pyro_physvae.evaluate import load_run  # noqa: E402
+from pyro_physvae.figures import as_channels, plot_field_grid, save_figure  # noqa: E402
+from pyro_physvae.report import write_json  # noqa: E402
 from pyro_physvae.validation import check_positive_int  # noqa: E402
 
 #: Horizons (in time steps from the initial state) reported by default.
@@ -63,15 +65,16 @@ def rollout(model, guide: Callable, x: Tensor, n_steps: int, *, num_samples: int
 
 
 def errors_by_step(pred: Tensor, truth: Tensor) -> dict[str, np.ndarray]:
-    """Per time step (last axis): ``mse`` over sequences and space, ``relative_rmse`` (RMSE
-    over the truth's RMS at that step) and ``norm_ratio``, the largest ratio over sequences of
-    the predicted field's norm to its initial norm."""
+    """Per time step (last axis) of ``pred`` and ``truth (N, *channels, T)``: ``mse`` over
+    sequences and channels, ``relative_rmse`` (RMSE over the truth's RMS at that step) and
+    ``norm_ratio``, the largest ratio over sequences of the prediction's Euclidean norm over
+    its channels (a field's norm; a single series' absolute value) to its initial norm."""
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and truth {tuple(truth.shape)} differ")
-    dims = tuple(range(pred.dim() - 1))
-    mse = (pred - truth).pow(2).mean(dims)
-    rms = truth.pow(2).mean(dims).sqrt().clamp_min(1e-12)
-    norm = pred.flatten(1, -2).norm(dim=1)  # (N, T)
+    pred, truth = as_channels(pred), as_channels(truth)
+    mse = (pred - truth).pow(2).mean((0, 1))
+    rms = truth.pow(2).mean((0, 1)).sqrt().clamp_min(1e-12)
+    norm = pred.norm(dim=1)  # (N, T)
     ratio = (norm / norm[:, :1].clamp_min(1e-12)).max(0).values
     return {"mse": mse.cpu().numpy(), "relative_rmse": (mse.sqrt() / rms).cpu().numpy(),
             "norm_ratio": ratio.cpu().numpy()}
@@ -109,9 +112,10 @@ def extrapolate(run_dir: str | Path, data_dir: str | Path | None = None, *, spli
     truth = run.system.true_observations(ds, n_steps).to(x.dtype)
     errors = {name: errors_by_step(value, truth) for name, value in curves.items()}
     finite = bool(all(torch.isfinite(v).all() for v in curves.values()))
+    dt = float(run.model.dt)  # the roll-out's time step: the model's grid, as the data's
     report = {"system": run.system.name, "setting": run.setting.value, "split": split,
               "checkpoint_epoch": run.checkpoint["epoch"], "n_sequences": int(x.shape[0]),
-              "n_steps": n_steps, "train_steps": int(x.shape[-1]), "dt": float(ds.attrs["dt"]),
+              "n_steps": n_steps, "train_steps": int(x.shape[-1]), "dt": dt,
               "finite": finite,
               "blowup": bool(not finite or errors["x_mean"]["norm_ratio"].max() > BLOWUP_FACTOR),
               "horizons": {name: horizon_table(e, horizons) for name, e in errors.items()},
@@ -119,8 +123,8 @@ def extrapolate(run_dir: str | Path, data_dir: str | Path | None = None, *, spli
     out = Path(out_dir) if out_dir else Path(run_dir) / f"extrapolate-{split}"
     plot_error_by_step({run.setting.value: errors["x_mean"]["mse"]}, out / "extrapolation_error.png",
                        train_steps=int(x.shape[-1]))
-    plot_space_time(truth[:3], curves["x_mean"][:3], out / "space_time.png",
-                    dt=float(ds.attrs["dt"]), title=run.setting.value)
+    plot_space_time(truth[:3], curves["x_mean"][:3], out / "space_time.png", dt=dt,
+                    title=run.setting.value, ylabel=_channel_axis(ds))
     write_json(report, out / "extrapolation.json")
     return report
 
@@ -137,13 +141,23 @@ def plot_error_by_step(curves: Mapping[str, Sequence[float] | np.ndarray], path:
     ax.set_xlabel("time step")
     ax.set_ylabel("MSE against the truth")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_space_time(truth: Tensor, pred: Tensor, path: Path, *, dt: float, title: str = "") -> Path:
-    """Space-time images of truth, model and their difference for each of the given
-    sequences ``(n, X, T)``."""
+def plot_space_time(truth: Tensor, pred: Tensor, path: Path, *, dt: float, title: str = "",
+                    ylabel: str = "grid point") -> Path:
+    """Images of truth, model and their difference, channels (e.g. grid points) vertical and
+    time horizontal, for each of the given sequences ``(n, *channels, T)`` (time step ``dt``
+    [s]; a single series ``(n, T)`` is a one-row image)."""
+    truth, pred = as_channels(truth), as_channels(pred)
     rows = [{"truth": truth[i].cpu().numpy(), "model": pred[i].cpu().numpy(),
              "model - truth": (pred[i] - truth[i]).cpu().numpy()} for i in range(truth.shape[0])]
     return plot_field_grid(rows, path, t_max=dt * (truth.shape[-1] - 1), signed=("model - truth",),
-                           labels=[f"sequence {i}" for i in range(len(rows))], title=title)
+                           labels=[f"sequence {i}" for i in range(len(rows))], title=title,
+                           ylabel=ylabel)
+
+
+def _channel_axis(ds) -> str:
+    """The vertical axis of :func:`plot_space_time`: the channel dimensions of ``ds["x"]``."""
+    dims = ds["x"].dims[1:-1]
+    return f"{' x '.join(dims)} grid point" if dims else "series"

@@ -1,11 +1,12 @@
 """Evaluation of image models (observations ``(N, bands, rows, cols)``, e.g. galaxies).
 
-* :func:`evaluate_images`: what :func:`pyro_physvae.evaluate.evaluate` does for other
-  systems, streamed over chunks of images so that memory stays bounded (a draw of one
-  69 x 69 x 3 image is 14283 numbers): posterior-mean reconstruction MSE, physics-only MSE,
-  90% posterior-predictive coverage, physics-parameter errors (angles modulo their period),
-  IWAE log-likelihood; figures of data / reconstruction / physics only, random generations and
-  traversals of each physics parameter; and :func:`rotation_check`, which measures whether a
+* :func:`evaluate_images`: the galaxy system's ``evaluator`` (what
+  :func:`pyro_physvae.evaluate.default_evaluator` does for series), streamed over chunks of
+  images so that memory stays bounded (a draw of one 69 x 69 x 3 image is 14283 numbers):
+  posterior-mean reconstruction MSE, physics-only MSE, 90% posterior-predictive coverage,
+  physics-parameter errors (angles modulo their period), IWAE log-likelihood; figures of
+  data / reconstruction / physics only, random generations and traversals of each physics
+  parameter; and :func:`rotation_check`, which measures whether a
   traversal of an angle rotates the generated image and changes nothing else.
 * angle statistics: :func:`circular_mean`, :func:`error_concentration`, :func:`angle_metrics`.
 
@@ -33,10 +34,10 @@ from torch import Tensor  # noqa: E402
 
 from pyro_physvae.data.galaxy import pixel_grid, rotate_images  # noqa: E402
 from pyro_physvae.diagnostics import iwae_log_likelihood, sample_posterior  # noqa: E402
+from pyro_physvae.figures import plot_parameter, save_figure  # noqa: E402
 from pyro_physvae.regularizers import wrapped_error  # noqa: E402
+from pyro_physvae.report import INTERVAL, iwae_summary, parameter_metrics, write_json  # noqa: E402
 
-#: Central posterior interval of the coverage figures.
-INTERVAL = 0.90
 #: Images per chunk of posterior sampling (bounds memory: draws x chunk x image).
 CHUNK = 25
 
@@ -97,11 +98,9 @@ def angle_metrics(samples: Tensor, truth: np.ndarray, period: float, level: floa
 
 def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None) -> dict[str, float]:
     """Metrics of one physics parameter: :func:`angle_metrics` for an angle, else those of
-    :func:`pyro_physvae.evaluate.parameter_metrics` plus the median absolute error."""
+    :func:`pyro_physvae.report.parameter_metrics` plus the median absolute error."""
     if period is not None:
         return angle_metrics(samples, truth, period)
-    from pyro_physvae.evaluate import parameter_metrics
-
     out = parameter_metrics(samples, truth)
     out["median_abs_error"] = float(np.median(np.abs(samples.mean(0).numpy() - truth)))
     return out
@@ -257,11 +256,7 @@ def plot_image_grid(rows: Sequence[Mapping[str, Tensor]], path: Path, *,
                 ax.set_ylabel(row_labels[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_image_reconstructions(ds: xr.Dataset, x: Tensor, draws: Mapping[str, Tensor], path: Path,
@@ -335,8 +330,6 @@ def plot_parameter_recovery(summary: Mapping[str, Tensor], ds: xr.Dataset, model
                             out: Path) -> list[Path]:
     """Posterior mean against the truth for every physics parameter with one; angles as
     their circular mean modulo the period."""
-    from pyro_physvae.evaluate import plot_parameter
-
     paths = []
     for p in model.physics_parameters:
         if p.name not in ds or p.name not in summary:
@@ -352,10 +345,7 @@ def plot_parameter_recovery(summary: Mapping[str, Tensor], ds: xr.Dataset, model
         ax.plot([0, period], [0, period], "k--", lw=1)
         ax.set_xlabel(f"true {p.name} (mod {period:.4g})")
         ax.set_ylabel(f"inferred {p.name} (circular mean, mod {period:.4g})")
-        fig.tight_layout()
-        fig.savefig(out / f"{p.name}.png", dpi=110)
-        plt.close(fig)
-        paths.append(out / f"{p.name}.png")
+        paths.append(save_figure(fig, out / f"{p.name}.png"))
     return paths
 
 
@@ -367,8 +357,6 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
     ``reconstructions.png``, ``generations.png`` and, with physics, ``traversals.png``,
     ``<parameter>.png`` to ``out`` and returns the metrics. ``refine_steps`` is recorded in
     the metrics: the per-sequence refinement steps already given to ``guide``."""
-    from pyro_physvae.evaluate import _iwae_summary, write_json
-
     model = run.model
     summary = posterior_summaries(model, guide, x, num_samples, seed=seed)
     metrics: dict[str, Any] = {
@@ -385,7 +373,7 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
             metrics[p.name] = parameter_summary(summary[p.name], ds[p.name].values, period)
     iwae = torch.cat([iwae_log_likelihood(model, guide, x[i:i + CHUNK], iwae_particles, batch_size=None,
                                           seed=seed + i) for i in range(0, x.shape[0], CHUNK)])
-    metrics["iwae_log_likelihood"] = _iwae_summary(iwae)
+    metrics["iwae_log_likelihood"] = iwae_summary(iwae)
     out.mkdir(parents=True, exist_ok=True)
     plot_image_reconstructions(ds, x, summary, out / "reconstructions.png")
     plot_generations(model, out / "generations.png", seed=seed)

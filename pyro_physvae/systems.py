@@ -168,6 +168,20 @@ def _pendulum() -> System:
     def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
         return {"n_steps": int(ds.sizes["time"]), "dt": float(ds.attrs["dt"])}
 
+    def counterfactual_truth(ds: xr.Dataset, name: str, factor: float) -> torch.Tensor:
+        """The true forced damped pendulum of each sequence, angles ``(N, T)`` [rad] (float64),
+        with its true parameter ``name`` (e.g. ``omega``) multiplied by ``factor``."""
+        missing = [v for v in data.PARAMS if v not in ds]
+        if missing:
+            raise ValueError(f"the data set lacks the true parameters {missing} needed for the truth")
+        if name not in data.PARAMS[1:]:
+            raise ValueError(f"the pendulum's truth has no parameter {name!r} to scale; it has "
+                             f"{list(data.PARAMS[1:])}")
+        params = {v: torch.tensor(ds[v].values, dtype=torch.float64) for v in data.PARAMS}
+        params[name] = params[name] * factor
+        t = torch.tensor(ds["time"].values, dtype=torch.float64)
+        return data.forced_damped_pendulum(*(params[v] for v in data.PARAMS), t)
+
     return System(
         name="pendulum",
         model_cls=PendulumModel,
@@ -179,6 +193,7 @@ def _pendulum() -> System:
                               "hidden_unmixer": (16,), "hidden_phys": (16,)}},
         generate=generate,
         model_kwargs_from_data=model_kwargs,
+        counterfactual_truth=counterfactual_truth,
     )
 
 
@@ -194,6 +209,24 @@ def _advdif() -> System:
         return {"n_grid": int(ds.sizes["space"]), "dx": float(ds.attrs["dx"]),
                 "n_steps": int(ds.sizes["time"]), "dt": float(ds.attrs["dt"])}
 
+    def counterfactual_truth(ds: xr.Dataset, name: str, factor: float) -> torch.Tensor:
+        """The true advection-diffusion fields ``(N, X, T)`` (float64) of each sequence over
+        its observed window, with its true parameter ``name`` multiplied by ``factor``."""
+        if name not in data.PARAMS:
+            raise ValueError(f"the advection-diffusion truth has no parameter {name!r} to scale; "
+                             f"it has {list(data.PARAMS)}")
+        if name not in ds:
+            raise ValueError(f"the data set lacks the true parameter {name!r}")
+        return data.true_fields(ds.assign({name: ds[name] * factor}), int(ds.sizes["time"]))
+
+    def plot_reconstructions(ds: xr.Dataset, x: torch.Tensor, draws: Mapping[str, torch.Tensor],
+                             path: Path) -> Path:
+        """Fields ``(N, X, T)`` as space-time images (the figure module is imported only now,
+        so that building the system does not load matplotlib)."""
+        from pyro_physvae.figures import plot_field_reconstructions
+
+        return plot_field_reconstructions(ds, x, draws, path)
+
     return System(
         name="advdif",
         model_cls=AdvDifModel,
@@ -206,6 +239,8 @@ def _advdif() -> System:
         generate=generate,
         model_kwargs_from_data=model_kwargs,
         true_observations=data.true_fields,
+        plot_reconstructions=plot_reconstructions,
+        counterfactual_truth=counterfactual_truth,
     )
 
 
@@ -221,6 +256,36 @@ def _locomotion() -> System:
         return {"n_joints": int(ds.sizes["joint"]), "n_steps": int(ds.sizes["time"]),
                 "dt": float(ds.attrs["dt"])}
 
+    def energy_metrics(model: LocomotionModel, draws: Mapping[str, torch.Tensor],
+                       ds: xr.Dataset) -> dict[str, Any]:
+        """``{"energy": ...}``: the conservation of the learnt energy along the physics-only
+        trajectories of the posterior-mean latents ``y0``, ``z_P`` (draws ``(S, N, dim)``),
+        with the model's own solver and step (``model.energy_drift``): the relative drift over
+        the window by its median, mean and maximum over sequences, and the absolute drift
+        (energy units); nothing for a model without physics."""
+        if not model.setting.has_physics:
+            return {}
+        z = draws["z_P"].mean(0) if "z_P" in draws else None
+        result = model.energy_drift(draws["y0"].mean(0), z)
+        rel = result["relative"]
+        return {"energy": {
+            "solver": model.method, "step": model.dt / model.substeps,
+            "relative_drift_median": float(rel.median()), "relative_drift_mean": float(rel.mean()),
+            "relative_drift_max": float(rel.max()),
+            "absolute_drift_median": float(result["drift"].median()),
+            "energy0_std": float(result["energy"][:, 0].std())}}
+
+    def plot_reconstructions(ds: xr.Dataset, x: torch.Tensor, draws: Mapping[str, torch.Tensor],
+                             path: Path) -> Path:
+        """Each joint angle over the gait cycle; the channels are the recordings' sagittal
+        joint angles (see the data's README)."""
+        from pyro_physvae.figures import plot_channel_reconstructions
+
+        joints = ("hip flexion-extension", "knee flexion-extension", "ankle flexion-extension")
+        return plot_channel_reconstructions(ds, x, draws, path, channel_names=joints,
+                                            time_coord="cycle_percent", time_label="gait cycle [%]",
+                                            ylabel="joint angle [rad]")
+
     return System(
         name="locomotion",
         model_cls=LocomotionModel,
@@ -233,6 +298,8 @@ def _locomotion() -> System:
         model_kwargs_from_data=model_kwargs,
         read_split=data.read_split,
         covariates=("speed", "cadence", "stride", "step_width"),
+        plot_reconstructions=plot_reconstructions,
+        extra_metrics=energy_metrics,
     )
 
 
@@ -249,6 +316,22 @@ def _galaxy() -> System:
     def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
         return {"image_size": int(ds.sizes["row"])}
 
+    # The image evaluation is imported when used, so that building the system does not load
+    # matplotlib.
+    def evaluator(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        """:func:`pyro_physvae.images.evaluate_images`: streamed summaries, image figures,
+        traversals and the rotation check."""
+        from pyro_physvae.images import evaluate_images
+
+        return evaluate_images(*args, **kwargs)
+
+    def plot_reconstructions(ds: xr.Dataset, x: torch.Tensor, draws: Mapping[str, torch.Tensor],
+                             path: Path) -> Path:
+        """Data, reconstruction, physics-only image and error of the first images."""
+        from pyro_physvae.images import plot_image_reconstructions
+
+        return plot_image_reconstructions(ds, x, draws, path)
+
     return System(
         name="galaxy",
         model_cls=GalaxyModel,
@@ -262,6 +345,8 @@ def _galaxy() -> System:
         generate=generate,
         model_kwargs_from_data=model_kwargs,
         augment=data.augment_images,
+        evaluator=evaluator,
+        plot_reconstructions=plot_reconstructions,
     )
 
 

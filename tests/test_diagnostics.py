@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from conftest import make_pair, pendulum_like_data
 
 from pyro_physvae.cli import main as cli_main
+from pyro_physvae.data.io import save_dataset
 from pyro_physvae.diagnostics import (
     calibration,
     central_interval,
@@ -22,7 +25,10 @@ from pyro_physvae.diagnostics import (
     sample_posterior,
     to_inference_data,
 )
+from pyro_physvae.evaluate import counterfactual, decode_unclamped, diagnose, evaluate, load_run
+from pyro_physvae.figures import as_channels, channel_labels, time_axis, value_label
 from pyro_physvae.regularizers import REGULARIZER_SITE
+from pyro_physvae.systems import SYSTEMS, System, get_system, register_system, unregister_system
 from pyro_physvae.train import TrainConfig, train
 
 N, T, DT = 7, 12, 0.1
@@ -215,3 +221,128 @@ def test_diagnose_writes_inference_data_tables_and_figures(tiny_data_dir, tmp_pa
     assert "omega" in idata.constant_data
     rows = (out / "calibration.csv").read_text().splitlines()
     assert rows[0] == "parameter,intervals,level,coverage,mean_width" and len(rows) == 1 + 2 * 7
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation through the System entry: every built-in system, and a user's own
+# --------------------------------------------------------------------------------------
+def _train_tiny(system: System, root: Path) -> Path:
+    """Data of ``system``'s test sizes in ``root/data`` and a one-epoch phys+nn+reg run in
+    ``root/run``."""
+    sizes = system.test_sizes
+    for split, ds in system.generate(seed=0, **sizes["data"]).items():
+        save_dataset(ds.assign_attrs(system=system.name), root / "data" / f"{split}.nc")
+    train(system, "phys+nn+reg", root / "data", root / "run", TrainConfig(epochs=1, batch_size=16),
+          model_kwargs=sizes["model"], guide_kwargs=sizes["guide"], progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module", params=SYSTEMS)
+def tiny_system_run(request, tmp_path_factory) -> tuple[System, Path]:
+    """Each built-in system trained for one epoch at its test sizes: ``(system, run_dir)``."""
+    system = get_system(request.param)
+    return system, _train_tiny(system, tmp_path_factory.mktemp(f"eval-{system.name}"))
+
+
+def test_evaluate_every_builtin_system(tiny_system_run):
+    system, run = tiny_system_run
+    m = evaluate(run, num_samples=4, iwae_particles=4)
+    out = run / "eval-test"
+    assert m["system"] == system.name and m["n_sequences"] == system.test_sizes["data"]["n_test"]
+    assert math.isfinite(m["recon_mse"]) and math.isfinite(m["iwae_log_likelihood"]["mean"])
+    assert json.loads((out / "metrics.json").read_text())["recon_mse"] == pytest.approx(m["recon_mse"])
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    ds = get_system(system.name).load_split(run.parent / "data", "test")
+    with_truth = [p for p in load_run(run).model.physics_parameters if p.name in ds]
+    assert with_truth or system.name == "locomotion"  # its physics latents have no truth
+    for p in with_truth:
+        assert set(m[p.name]) >= {"mae", "corr", "coverage90"}
+        assert (out / f"{p.name}.png").stat().st_size > 1000
+    # The System's hooks: locomotion's covariates and energy report (extra_metrics), the
+    # galaxy's own evaluator (random generations).
+    assert ("energy" in m) == (system.name == "locomotion")
+    assert ("latent_correlations" in m) == bool(system.covariates)
+    assert (out / "generations.png").is_file() == (system.name == "galaxy")
+
+
+def test_diagnose_every_builtin_system(tiny_system_run):
+    system, run = tiny_system_run
+    report = diagnose(run, num_samples=4, iwae_particles=4, calibrate_on=None)
+    out = run / "diagnose-test"
+    names = {f.name for f in out.iterdir()}
+    assert {"inference_data.nc", "diagnostics.json", "reconstructions.png", "ppc.png"} <= names
+    assert (out / "reconstructions.png").stat().st_size > 1000
+    assert report["system"] == system.name and math.isfinite(report["iwae_log_likelihood"]["mean"])
+    physics = {p.name for p in load_run(run).model.physics_parameters}
+    assert set(report["calibration"]) == physics & set(get_system(system.name).load_split(
+        run.parent / "data", "test").data_vars)
+
+
+def test_counterfactual_follows_the_systems_truth(tiny_system_run, tmp_path):
+    system, run = tiny_system_run
+    if system.counterfactual_truth is None:
+        with pytest.raises(ValueError, match="counterfactual_truth"):
+            counterfactual(run, factors=(2.0,), n_sequences=4, num_samples=4, out_dir=tmp_path)
+        assert not (tmp_path / "counterfactual.json").exists()
+        return
+    report = counterfactual(run, factors=(0.5, 3.0), n_sequences=4, num_samples=4, out_dir=tmp_path)
+    name = load_run(run).model.physics_parameters[0].name
+    assert report["parameter"] == name and report["clamped"] is False
+    assert [r["factor"] for r in report["results"]] == [0.5, 3.0]
+    assert all(math.isfinite(r["mse"]) and math.isfinite(r["physics_only_mse"]) for r in report["results"])
+    assert (tmp_path / "counterfactual.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="not a physics parameter"):
+        counterfactual(run, parameter="nonsense", n_sequences=2, num_samples=2, out_dir=tmp_path)
+
+
+def test_a_users_system_without_hooks_gets_the_generic_evaluation_and_a_clear_refusal(tmp_path):
+    mine = register_system(replace(get_system("pendulum"), name="my-pendulum", counterfactual_truth=None))
+    try:
+        run = _train_tiny(mine, tmp_path)
+        m = evaluate(run, num_samples=4, iwae_particles=4)
+        assert m["system"] == "my-pendulum" and set(m["omega"]) >= {"mae", "coverage90"}
+        assert (run / "eval-test" / "reconstructions.png").stat().st_size > 1000
+        with pytest.raises(ValueError, match="my-pendulum system has no counterfactual truth.*"
+                                             "counterfactual_truth"):
+            counterfactual(run, factors=(2.0,), n_sequences=4, num_samples=4)
+        assert cli_main(["counterfactual", str(run), "--factors", "2"]) == 2
+    finally:
+        unregister_system("my-pendulum")
+
+
+def test_the_pendulums_counterfactual_truth_is_its_data_and_scales_omega(tiny_datasets):
+    ds = tiny_datasets["test"]
+    truth = get_system("pendulum").counterfactual_truth
+    same = truth(ds, "omega", 1.0)
+    assert same.shape == ds["x"].shape
+    noise = float(ds.attrs["noise_std"])
+    assert float((same - torch.tensor(ds["x"].values, dtype=same.dtype)).pow(2).mean().sqrt()) < 2 * noise
+    faster = truth(ds, "omega", 2.0)
+    assert float((faster - same).abs().max()) > 0.1
+    with pytest.raises(ValueError, match="no parameter 'init' to scale"):
+        truth(ds, "init", 2.0)
+
+
+def test_decode_sites_can_leave_the_feasible_range(pair_factory, small_data):
+    model, _ = pair_factory("phys-only")
+    init = model.initial_condition(small_data)
+    fast = {"omega": torch.full((small_data.shape[0],), 3 * model.omega.high)}
+    clamped = model.decode_sites(init, fast)["x_P"]
+    free, was_clamped = decode_unclamped(model, init, fast)
+    assert not was_clamped
+    at_bound = model.decode_sites(init, {"omega": torch.full_like(fast["omega"], model.omega.high)})["x_P"]
+    torch.testing.assert_close(clamped, at_bound)
+    assert float((free["x_P"] - clamped).abs().max()) > 0.1
+
+
+def test_generic_figure_labels_come_from_the_data_set(tiny_datasets):
+    pend = tiny_datasets["test"]
+    assert time_axis(pend, pend.sizes["time"])[1] == "time [s]"
+    assert channel_labels(pend, 1) == [""] and value_label(pend) == "observed angle [rad]"
+    gait = get_system("locomotion").generate(seed=0, n_train=2, n_valid=2, n_test=2, n_steps=11)["test"]
+    assert channel_labels(gait, 3) == ["joint 0", "joint 1", "joint 2"]
+    assert channel_labels(gait, 5) == [f"channel {c}" for c in range(5)]
+    values, label = time_axis(gait, 11, "cycle_percent")
+    assert values[-1] == 100.0 and label == "cycle_percent"
+    assert as_channels(torch.zeros(4, 7)).shape == (4, 1, 7)
+    assert as_channels(torch.zeros(2, 4, 3, 5, 7), lead=2).shape == (2, 4, 15, 7)
