@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                                            ("rtol", args.rtol), ("atol", args.atol)) if v is not None})
     history = train(system, args.setting, args.data, args.out,
                     _train_config(args, system.train_defaults), model_kwargs=model_kwargs,
-                    guide_kwargs=dict(args.guide_option), resume=args.resume, progress=not args.quiet)
+                    resume=args.resume, progress=not args.quiet)
     best = min(history, key=lambda r: r["val_loss"])
     print(f"done: {len(history)} epochs; best validation loss {best['val_loss']:.4g} at epoch "
           f"{best['epoch']}; checkpoints in {args.out}")
@@ -178,13 +178,8 @@ def cmd_nuts(args: argparse.Namespace) -> None:
 
     report = nuts_report(args.run, args.data, split=args.split, sequences=args.sequences,
                          num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains,
-                         seed=args.seed, out_dir=args.out, chain_method=args.chain_method,
-                         mass_matrix=args.mass_matrix, max_tree_depth=args.max_tree_depth,
-                         amortized_draws=args.amortized_draws)
-    if len(report["gap"]):
-        print(markdown_table(report["gap"]))
-    else:
-        print(f"{report['system']} {report['setting']}: no physics parameters, no amortization-gap rows")
+                         seed=args.seed, out_dir=args.out, chain_method=args.chain_method)
+    print(markdown_table(report["gap"]))
     print(f"max R-hat {report['max_r_hat']:.4f}, min bulk ESS {report['min_ess_bulk']:.0f}, "
           f"divergences {report['divergences']}; files in {Path(report['files']['nuts.nc']).parent}")
 
@@ -382,9 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-option", type=model_option_arg, action="append", default=[],
                    metavar="KEY=VALUE", help="a model constructor argument, VALUE as JSON, e.g. "
                    "dim_z_aux1=3 or aux1_state_inputs='[\"velocity\"]' (repeatable)")
-    t.add_argument("--guide-option", type=model_option_arg, action="append", default=[],
-                   metavar="KEY=VALUE", help="an amortized guide constructor argument, VALUE as JSON, "
-                   "e.g. hidden_feat='[64, 64]' (repeatable)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--checkpoint-every", type=_positive_int, default=10)
@@ -420,11 +412,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--warmup", type=_positive_int, default=500)
     n.add_argument("--chains", type=_positive_int, default=4)
     n.add_argument("--chain-method", choices=["sequential", "parallel"], default="sequential")
-    n.add_argument("--mass-matrix", choices=["laplace", "laplace+adapt", "diagonal"], default="laplace",
-                   help="inverse mass matrix of the standardized latents (see run_nuts)")
-    n.add_argument("--max-tree-depth", type=_positive_int, default=8)
-    n.add_argument("--amortized-draws", type=_positive_int, default=1000,
-                   help="draws of the amortized guide compared with NUTS")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
     n.set_defaults(func=cmd_nuts)
