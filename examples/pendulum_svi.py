@@ -15,11 +15,10 @@ import pyro
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
-from pyro_physvae import PhysVAELoss, phys_vae_regularizers
+from pyro_physvae import PhysVAELoss
 from pyro_physvae.data.pendulum import PendulumDataConfig, generate
 from pyro_physvae.guides import PendulumGuide
 from pyro_physvae.models import PendulumModel
-from pyro_physvae.systems import get_system
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -38,14 +37,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = PendulumModel("phys+nn+reg")
     guide = PendulumGuide(model)
-    # The package's weights relative to squared errors (alpha, beta, gamma), times the
-    # likelihood precision; the KL part weighted by 1 + alpha, as in the reference.
-    precision = float(0.5 / model.noise_scale() ** 2)
-    alpha, beta, gamma = get_system("pendulum").reg_weights
-    regs = phys_vae_regularizers(alpha=alpha * precision, beta=beta * precision,
-                                 gamma=gamma * precision)
+    # R_ppc, R_DA,2 and R_DA,1 with the model's weights (in the reference's units, relative
+    # to squared errors; PhysVAELoss converts them with the likelihood precision) and the KL
+    # part weighted by 1 + alpha, as in the reference.
     optim = pyro.optim.Adam({"lr": 1e-3, "eps": 1e-3}, {"clip_value": 5.0})
-    svi = SVI(model, guide, optim, loss=PhysVAELoss(Trace_ELBO(), regs, kl_weight=1.0 + alpha))
+    svi = SVI(model, guide, optim, loss=PhysVAELoss(Trace_ELBO()))
 
     first = last = None
     for step in range(args.steps):

@@ -287,7 +287,7 @@ def test_ppc_sums_over_space_and_time(fields):
     """With no out-of-ODE net, R_ppc = 0.5 |x_PA - x_P|^2 over the whole field."""
     model, guide = make_pair("phys+nn+reg")
     model.aux1.linears[-1].weight.data.normal_(0, 0.1)
-    (ppc,) = phys_vae_regularizers(alpha=1.0, beta=0.0, gamma=0.0, event_dim=2)
+    (ppc,) = phys_vae_regularizers(alpha=1.0, beta=0.0, gamma=0.0)
     loss = PhysVAELoss(Trace_ELBO(), [ppc])
     pyro.set_rng_seed(3)
     loss.loss(model, guide, fields)

@@ -377,7 +377,7 @@ def test_regularized_elbo_step_reaches_every_network(images):
     # The refiner's last layer starts at zero, which blocks gradients to the neural image at
     # the very first step only; start it slightly off zero to see every path at once.
     torch.nn.init.normal_(model.refiner.last.weight, std=0.01)
-    loss = PhysVAELoss(TraceMeanField_ELBO(), phys_vae_regularizers(1.0, 1.0, 1.0, event_dim=3))
+    loss = PhysVAELoss(TraceMeanField_ELBO(), phys_vae_regularizers(1.0, 1.0, 1.0))
     value = loss.differentiable_loss(model, guide, images)
     value.backward()
     assert set(loss.last_terms) == {"ppc", "augment", "unmix"}

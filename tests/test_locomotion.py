@@ -204,7 +204,7 @@ def test_learnt_energy_is_conserved_better_by_higher_order_solvers():
 
 def test_gradients_reach_the_energy_the_readout_and_the_encoder(angles):
     model, guide = make_pair("phys+nn+reg")
-    loss = PhysVAELoss(Trace_ELBO(), phys_vae_regularizers(1.0, 0.0, 0.0, event_dim=2))
+    loss = PhysVAELoss(Trace_ELBO(), phys_vae_regularizers(1.0, 0.0, 0.0))
     loss.differentiable_loss(model, guide, angles).backward()
     for name, p in [("energy", model.energy.linears[-1].weight), ("readout", model.readout.weight),
                     ("aux2", model.aux2.linears[-1].weight),
@@ -217,7 +217,7 @@ def test_gradients_reach_the_energy_the_readout_and_the_encoder(angles):
 def test_ppc_is_the_residual_energy_over_joints_and_time(angles):
     model, guide = make_pair("phys+nn+reg")
     torch.nn.init.normal_(model.aux2.linears[-1].weight)
-    reg = phys_vae_regularizers(1.0, 0.0, 0.0, event_dim=2)[0]
+    reg = phys_vae_regularizers(1.0, 0.0, 0.0)[0]  # event rank from the model
     guide_tr = poutine.trace(guide).get_trace(angles)
     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(angles)
     sites = {n: s["value"] for n, s in model_tr.nodes.items() if s["type"] == "sample"}

@@ -528,7 +528,8 @@ def test_regularizers_act_inside_a_hierarchical_program():
     precision = 0.5 / float(pendulum.noise_scale()) ** 2
     expected = (6 / 3) * precision * (alpha * ppc + gamma * unmix).sum()
     site = model_tr.nodes[REGULARIZER_SITE]
-    assert float(site["fn"].log_prob(site["value"]).sum().detach()) == pytest.approx(-float(expected), rel=1e-4)
+    got = float(site["fn"].log_prob(site["value"]).sum().detach())
+    assert got == pytest.approx(-float(expected), rel=1e-4)
     assert float(expected) > 0
     # The model's default weights, R_DA,2 included, also run; SVI steps change the encoder.
     loss = PhysVAELoss(TraceMeanField_ELBO())
