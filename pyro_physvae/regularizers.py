@@ -290,6 +290,9 @@ class PhysicsAugmentation:
                 truth, x_sim = model.simulate_augmentation(None, batch)
             else:
                 truth, x_sim = model.simulate_augmentation(sites["init"])
+        if not truth:
+            raise ValueError(f"R_DA,2 needs physics parameters to simulate, and {type(model).__name__} "
+                             "has none; leave it out (beta=0)")
         estimate = guide.physics_mean(x_sim)
         periods = {p.name: getattr(p, "period", None) for p in getattr(model, "physics_parameters", ())}
         return sum(wrapped_error(estimate[k] - truth[k], periods.get(k)).pow(2) for k in truth)
