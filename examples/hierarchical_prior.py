@@ -4,25 +4,30 @@
 
 Many pendulums are drawn from one population: each sequence has its own angular frequency
 ``omega_i``, and the ``omega_i`` scatter around a population mean ``mu`` with spread ``tau``.
-The outer program samples the two global latents and hands the per-sequence prior to the
-Phys-VAE model through its ``omega_prior`` hook::
+The pendulums are damped, which the model's physics (a frictionless pendulum) does not know:
+the Phys-VAE model in its proposed setting, ``phys+nn+reg``, completes the physics with neural
+parts. The outer program samples the two global latents and hands the per-sequence prior to
+the model through its ``priors`` hook::
 
     omega_mu  ~ Normal(centre of omega's range, its prior scale)      (global)
     omega_tau ~ HalfNormal(1)                                          (global)
     omega_i   ~ Normal(omega_mu, omega_tau)        inside the model's "data" plate
-    x_i       ~ Normal(physics(x_i[0], omega_i), sigma)
+    z_A1_i, z_A2_i ~ Normal(0, I)                  (the neural parts' latents)
+    x_i       ~ Normal(decoder(x_i[0], omega_i, z_A1_i, z_A2_i), sigma)
 
 The guide is the product of an ``AutoNormal`` guide over only the two global sites
 (``poutine.block(expose=...)`` hides the model's own sites from it) and the amortized encoder
-:class:`~pyro_physvae.guides.PendulumGuide` for the per-sequence ``omega_i``. Training is plain
-Pyro ``SVI`` with ``TraceMeanField_ELBO`` (or ``Trace_ELBO``) and ``pyro.optim.ClippedAdam`` (Adam
-with gradient clipping and a learning-rate decay) on minibatches: the indices go to both model and
-guide through ``subsample=``; the globals are sampled outside the plate, so Pyro scales only the
-per-sequence terms by ``N / B``.
+:class:`~pyro_physvae.guides.PendulumGuide` for the per-sequence latents. Training is plain
+Pyro ``SVI`` with :class:`~pyro_physvae.PhysVAELoss` around ``TraceMeanField_ELBO`` (or
+``Trace_ELBO``): the three regularizers (R_ppc, R_DA,1, R_DA,2) find the Phys-VAE model and
+encoder inside the two programs' traces, with the model's default weights. The optimiser is
+``pyro.optim.ClippedAdam`` (Adam with gradient clipping and a learning-rate decay) on
+minibatches: the indices go to both model and guide through ``subsample=``; the globals are
+sampled outside the plate, so Pyro scales only the per-sequence terms by ``N / B``.
 
-The data are synthetic, made with the model's own (frictionless) physics and noise level, so
-the truth of ``mu``, ``tau`` and every ``omega_i`` is known. The script prints the posterior of
-``(mu, tau)`` (mean and central 90% interval from ``Predictive`` on the global guide) next to the
+The data are synthetic (a damped pendulum with the model's noise level), so the truth of
+``mu``, ``tau`` and every ``omega_i`` is known. The script prints the posterior of ``(mu,
+tau)`` (mean and central 90% interval from ``Predictive`` on the global guide) next to the
 truth, and the error of the per-sequence posterior means of ``omega``.
 """
 
@@ -42,6 +47,9 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 from torch import Tensor
 
+from pyro_physvae import PhysVAELoss, Setting
+from pyro_physvae.autoguides import amortized_posterior
+from pyro_physvae.data.pendulum import forced_damped_pendulum
 from pyro_physvae.guides import PendulumGuide
 from pyro_physvae.models import PendulumModel
 
@@ -59,12 +67,14 @@ class Simulation:
         x: noisy angle sequences ``(N, T)`` [rad].
         omega: the true per-sequence angular frequencies ``(N,)`` [rad/s].
         init: the true initial angles ``(N,)`` [rad].
+        damping: the true per-sequence damping coefficients ``(N,)`` [1/s].
         mu, tau: the population mean and spread that ``omega`` was drawn from.
     """
 
     x: Tensor
     omega: Tensor
     init: Tensor
+    damping: Tensor
     mu: float
     tau: float
 
@@ -76,32 +86,37 @@ def simulate(
     mu: float = 1.8,
     tau: float = 0.3,
     max_angle: float = 1.2,
+    max_damping: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> Simulation:
-    """Draw ``n`` sequences from the population with the model's own physics and noise.
+    """Draw ``n`` damped pendulum sequences from the population, with the model's noise.
 
     ``omega_i ~ Normal(mu, tau)`` clipped into the model's omega range, initial angles uniform
-    in ``[-max_angle, max_angle]``, zero initial velocity, frictionless pendulum (the model's
-    ``physics_only`` solver), plus Gaussian noise with the model's noise std.
+    in ``[-max_angle, max_angle]``, zero initial velocity, damping ``xi_i`` uniform in ``[0,
+    max_damping]`` (``theta'' = -omega^2 sin(theta) - xi theta'``, solved accurately on the
+    model's time grid), plus Gaussian noise with the model's noise std.
     """
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     if not tau > 0:
         raise ValueError(f"tau must be positive, got {tau}")
     rng = generator if generator is not None else torch.Generator().manual_seed(0)
+    if not max_damping >= 0:
+        raise ValueError(f"max_damping must be >= 0, got {max_damping}")
     omega = pendulum.omega.clamp(mu + tau * torch.randn(n, generator=rng))
     init = max_angle * (2.0 * torch.rand(n, generator=rng) - 1.0)
-    with torch.no_grad():
-        clean = pendulum.physics_only(init, omega)
-        x = clean + pendulum.noise_scale() * torch.randn(clean.shape, generator=rng)
-    return Simulation(x=x, omega=omega, init=init, mu=mu, tau=tau)
+    damping = max_damping * torch.rand(n, generator=rng)
+    zero = torch.zeros(n)
+    clean = forced_damped_pendulum(init, omega, damping, zero, zero, pendulum.t).to(init.dtype)
+    x = clean + pendulum.noise_scale() * torch.randn(clean.shape, generator=rng)
+    return Simulation(x=x, omega=omega, init=init, damping=damping, mu=mu, tau=tau)
 
 
 def population_model(pendulum: PendulumModel, x: Tensor, subsample: Tensor | None = None) -> Tensor:
     """The scientist's hierarchical program around the Phys-VAE pendulum model.
 
     Args:
-        pendulum: the (physics) model whose ``omega`` prior is replaced.
+        pendulum: the Phys-VAE model whose ``omega`` prior is replaced.
         x: all observed sequences ``(N, T)``.
         subsample: minibatch row indices, passed on to the model's ``data`` plate.
 
@@ -114,7 +129,7 @@ def population_model(pendulum: PendulumModel, x: Tensor, subsample: Tensor | Non
     mu = pyro.sample("omega_mu", dist.Normal(loc, scale))
     tau = pyro.sample("omega_tau", dist.HalfNormal(torch.full_like(loc, TAU_PRIOR_SCALE)))
     # Per-sequence omega_i ~ Normal(mu, tau), sampled inside the model's "data" plate.
-    return pendulum(x, subsample=subsample, omega_prior=dist.Normal(mu, tau))
+    return pendulum(x, subsample=subsample, priors={"omega": dist.Normal(mu, tau)})
 
 
 def make_guide(
@@ -140,7 +155,8 @@ def make_guide(
 
 @dataclass
 class Fit:
-    """A trained population model: its parts and the loss history (per sequence)."""
+    """A trained population model: its parts, the loss history (per sequence) and the names
+    of the regularizers that acted in the last step."""
 
     pendulum: PendulumModel
     encoder: PendulumGuide
@@ -148,6 +164,7 @@ class Fit:
     guide: Callable[..., None]
     global_guide: AutoNormal
     losses: list[float]
+    regularizers: list[str]
 
 
 def train(
@@ -161,6 +178,7 @@ def train(
     lr_globals: float | None = None,
     lr_final: float = 0.03,
     elbo: str = "meanfield",
+    setting: str = "phys+nn+reg",
     hidden: Sequence[int] = (64, 64),
     seed: int = 0,
     log_every: int = 0,
@@ -178,14 +196,17 @@ def train(
             and with it the globals, keep jittering.
         elbo: ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KLs where available) or
             ``"trace"`` (``Trace_ELBO``).
-        hidden: hidden widths of the encoder's feature extractor and omega head.
+        setting: the pendulum model's setting; ``phys+nn+reg`` trains with the three
+            regularizers (:class:`~pyro_physvae.PhysVAELoss` with the model's weights).
+        hidden: hidden widths of the networks (model and encoder).
         seed: Pyro seed (initialisation and minibatches).
         log_every: print the loss every this many steps (0: never).
     """
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-    pendulum = PendulumModel("phys-only", n_steps=n_steps, dt=dt)
-    encoder = PendulumGuide(pendulum, hidden_feat=hidden, feat_dim=hidden[-1], hidden_phys=hidden)
+    pendulum = PendulumModel(setting, n_steps=n_steps, dt=dt, hidden_aux1=hidden, hidden_aux2=hidden)
+    encoder = PendulumGuide(pendulum, hidden_feat=hidden, feat_dim=hidden[-1], hidden_aux=hidden,
+                            hidden_unmixer=hidden, hidden_phys=hidden)
     model = partial(population_model, pendulum)
     guide, global_guide = make_guide(model, encoder, init_mu=pendulum.omega.prior_loc)
 
@@ -195,6 +216,8 @@ def train(
         return {"lr": start, "lrd": lr_final ** (1.0 / max(1, steps)), "clip_norm": 10.0}
 
     loss_fn = {"meanfield": TraceMeanField_ELBO, "trace": Trace_ELBO}[elbo]()
+    if Setting.parse(setting).regularized:
+        loss_fn = PhysVAELoss(loss_fn)  # R_ppc, R_DA,2, R_DA,1 with the model's weights
     svi = SVI(model, guide, pyro.optim.ClippedAdam(optim_args), loss=loss_fn)
     n = x.shape[0]
     b = min(batch, n)
@@ -204,7 +227,8 @@ def train(
         losses.append(svi.step(x, subsample=idx) / n)
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:5d}  loss per sequence {losses[-1]:12.2f}")
-    return Fit(pendulum, encoder, model, guide, global_guide, losses)
+    acted = sorted(getattr(loss_fn, "last_terms", {}))
+    return Fit(pendulum, encoder, model, guide, global_guide, losses, acted)
 
 
 def summarize(fit: Fit, sim: Simulation, num_samples: int = 2000) -> dict[str, float]:
@@ -216,12 +240,12 @@ def summarize(fit: Fit, sim: Simulation, num_samples: int = 2000) -> dict[str, f
         d = draws[site].reshape(-1)
         lo, hi = torch.quantile(d, torch.tensor([0.05, 0.95], dtype=d.dtype)).tolist()
         out.update({f"{key}_mean": float(d.mean()), f"{key}_q05": lo, f"{key}_q95": hi})
-    with torch.no_grad():
-        omega_hat = fit.encoder.omega_posterior(sim.x)[0]
+    omega_hat = amortized_posterior(fit.encoder, sim.x)["omega"][0]
     out["omega_mae"] = float((omega_hat - sim.omega).abs().mean())
     out["omega_hat_std"] = float(omega_hat.std())
     out["mu_true"], out["tau_true"] = sim.mu, sim.tau
     out["first_loss"], out["last_loss"] = fit.losses[0], fit.losses[-1]
+    out["regularizers"] = fit.regularizers
     return out
 
 
@@ -235,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--batch", type=int, default=100, help="minibatch size")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--elbo", choices=("meanfield", "trace"), default="meanfield")
+    p.add_argument("--setting", choices=("phys-only", "phys+nn", "phys+nn+reg"), default="phys+nn+reg")
+    p.add_argument("--max-damping", type=float, default=0.1, help="damping xi ~ U[0, this] [1/s]")
     p.add_argument("--mu", type=float, default=1.8, help="true population mean of omega")
     p.add_argument("--tau", type=float, default=0.3, help="true population spread of omega")
     p.add_argument("--seed", type=int, default=0)
@@ -245,23 +271,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     start = time.perf_counter()
     physics = PendulumModel("phys-only", n_steps=args.n_steps, dt=args.dt)
-    sim = simulate(physics, args.n, mu=args.mu, tau=args.tau,
+    sim = simulate(physics, args.n, mu=args.mu, tau=args.tau, max_damping=args.max_damping,
                    generator=torch.Generator().manual_seed(args.seed))
     fit = train(sim.x, n_steps=args.n_steps, dt=args.dt, steps=args.steps, batch=args.batch,
-                lr=args.lr, elbo=args.elbo, seed=args.seed,
+                lr=args.lr, elbo=args.elbo, setting=args.setting, seed=args.seed,
                 log_every=0 if args.quiet else max(1, args.steps // 10))
     res = summarize(fit, sim)
     res["seconds"] = time.perf_counter() - start
     # "drawn": mean and std of the omegas actually drawn, which the data can tell at best.
     emp_mu, emp_tau = float(sim.omega.mean()), float(sim.omega.std())
-    print(f"population of {args.n} sequences, {args.steps} SVI steps, batch {args.batch}, "
-          f"{res['seconds']:.1f} s")
+    print(f"population of {args.n} damped pendulums, {args.setting}, {args.steps} SVI steps, "
+          f"batch {args.batch}, {res['seconds']:.1f} s")
     print("posterior of the population parameters [rad/s]:")
     print(f"{'':8s}{'truth':>8s}{'drawn':>8s}{'mean':>8s}   90% interval")
     for key, emp in (("mu", emp_mu), ("tau", emp_tau)):
         print(f"{key:8s}{res[key + '_true']:8.3f}{emp:8.3f}{res[key + '_mean']:8.3f}   "
               f"[{res[key + '_q05']:.3f}, {res[key + '_q95']:.3f}]")
     print(f"per-sequence omega: MAE of the posterior means {res['omega_mae']:.4f} rad/s")
+    if res["regularizers"]:
+        print(f"regularizers acting: {', '.join(res['regularizers'])}")
     return res
 
 
