@@ -206,19 +206,6 @@ def test_sites_and_shapes_in_every_setting(setting, fields):
     assert torch.allclose(trace.nodes["x_mean"]["value"][..., 0], fields[..., 0])
 
 
-def test_minibatch_and_vectorised_particles(fields):
-    model, guide = make_pair("phys+nn+reg")
-    idx = torch.tensor([0, 3, 5])
-    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
-    loss = elbo.loss(model, guide, fields, subsample=idx)
-    assert math.isfinite(loss)
-    with pyro.plate("particles", 4, dim=-2):
-        tr = poutine.trace(guide).get_trace(fields, subsample=idx)
-        mt = poutine.trace(poutine.replay(model, trace=tr)).get_trace(fields, subsample=idx)
-    assert mt.nodes["x_mean"]["value"].shape == (4, 3, X, T)
-    assert mt.nodes["x"]["scale"] == pytest.approx(fields.shape[0] / 3)
-
-
 def test_gradients_reach_the_in_ode_net_the_encoder_and_the_diffusion(fields):
     model, guide = make_pair("phys+nn")
     model.aux1.linears[-1].weight.data.normal_(0, 0.1)  # leave the zero start
