@@ -179,6 +179,7 @@ def train(
     lr_final: float = 0.03,
     elbo: str = "meanfield",
     setting: str = "phys+nn+reg",
+    aux1_inputs: Sequence[str] = ("velocity",),
     hidden: Sequence[int] = (64, 64),
     seed: int = 0,
     log_every: int = 0,
@@ -198,13 +199,18 @@ def train(
             ``"trace"`` (``Trace_ELBO``).
         setting: the pendulum model's setting; ``phys+nn+reg`` trains with the three
             regularizers (:class:`~pyro_physvae.PhysVAELoss` with the model's weights).
+        aux1_inputs: what the in-ODE net reads besides the time: the missing physics here
+            is friction, a function of the velocity, so by default the velocity alone (an
+            in-ODE net that also reads the angle can act as a restoring force and take over
+            part of ``omega``; see ``PendulumModel``'s ``aux1_state_inputs``).
         hidden: hidden widths of the networks (model and encoder).
         seed: Pyro seed (initialisation and minibatches).
         log_every: print the loss every this many steps (0: never).
     """
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-    pendulum = PendulumModel(setting, n_steps=n_steps, dt=dt, hidden_aux1=hidden, hidden_aux2=hidden)
+    pendulum = PendulumModel(setting, n_steps=n_steps, dt=dt, hidden_aux1=hidden, hidden_aux2=hidden,
+                             aux1_state_inputs=aux1_inputs)
     encoder = PendulumGuide(pendulum, hidden_feat=hidden, feat_dim=hidden[-1], hidden_aux=hidden,
                             hidden_unmixer=hidden, hidden_phys=hidden)
     model = partial(population_model, pendulum)
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--elbo", choices=("meanfield", "trace"), default="meanfield")
     p.add_argument("--setting", choices=("phys-only", "phys+nn", "phys+nn+reg"), default="phys+nn+reg")
     p.add_argument("--max-damping", type=float, default=0.1, help="damping xi ~ U[0, this] [1/s]")
+    p.add_argument("--aux1-inputs", nargs="+", choices=("angle", "velocity"), default=["velocity"],
+                   help="what the in-ODE net reads besides the time")
     p.add_argument("--mu", type=float, default=1.8, help="true population mean of omega")
     p.add_argument("--tau", type=float, default=0.3, help="true population spread of omega")
     p.add_argument("--seed", type=int, default=0)
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sim = simulate(physics, args.n, mu=args.mu, tau=args.tau, max_damping=args.max_damping,
                    generator=torch.Generator().manual_seed(args.seed))
     fit = train(sim.x, n_steps=args.n_steps, dt=args.dt, steps=args.steps, batch=args.batch,
-                lr=args.lr, elbo=args.elbo, setting=args.setting, seed=args.seed,
+                lr=args.lr, elbo=args.elbo, setting=args.setting, aux1_inputs=args.aux1_inputs,
+                seed=args.seed,
                 log_every=0 if args.quiet else max(1, args.steps // 10))
     res = summarize(fit, sim)
     res["seconds"] = time.perf_counter() - start

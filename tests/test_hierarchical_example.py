@@ -24,6 +24,8 @@ MU_TRUE, TAU_TRUE = 1.4, 0.3
 TINY = ["--n", "120", "--n-steps", "20", "--dt", "0.1", "--steps", "500", "--batch", "60",
         "--lr", "5e-3",
         "--mu", str(MU_TRUE), "--tau", str(TAU_TRUE), "--seed", "0", "--quiet"]
+#: phys+nn+reg on damped pendulums needs more steps than the physics alone.
+TINY_REG = [*TINY[:6], "--steps", "1000", *TINY[8:]]
 #: The statistical checks of the hierarchy on the physics alone, with the model's own
 #: (frictionless) physics generating the data.
 TINY_PHYSICS = [*TINY, "--setting", "phys-only", "--max-damping", "0"]
@@ -148,14 +150,15 @@ def test_population_recovered(example, capsys) -> None:
 def test_phys_nn_reg_inside_the_hierarchical_program(example, capsys) -> None:
     """The proposed model with all three regularizers inside the outer program, on damped
     pendulums: the regularizers act (PhysVAELoss finds the model and the encoder in the
-    traces), the loss falls, and the population mean moves from its prior centre (~1.96)
-    to the truth. At this tiny budget mu is within ~0.06-0.16 of the truth on seeds 0-1;
-    the full-size run (python examples/hierarchical_prior.py) is in benchmarks/RESULTS.md."""
-    res = example.main(TINY)
+    traces), the loss falls, and the population is recovered: at this tiny budget mu is
+    within 0.05 of the truth on seeds 0 and 1 (the prior centre, ~1.96, is 0.56 away) and the
+    per-sequence omegas within ~0.07; the full-size runs (python
+    examples/hierarchical_prior.py) are in benchmarks/RESULTS.md."""
+    res = example.main(TINY_REG)
     assert "phys+nn+reg" in capsys.readouterr().out
     assert res["last_loss"] < res["first_loss"]
     assert res["regularizers"] == ["augment", "ppc", "unmix"]
-    prior_error = abs(PendulumModel("phys+nn+reg").omega.prior_loc - MU_TRUE)
-    assert abs(res["mu_mean"] - MU_TRUE) < 0.25 < prior_error / 2
+    assert abs(res["mu_mean"] - MU_TRUE) < 0.15
     assert TAU_TRUE / 2 < res["tau_mean"] < TAU_TRUE * 2
-    assert res["omega_mae"] < TAU_TRUE
+    assert res["mu_q95"] - res["mu_q05"] < 0.3
+    assert res["omega_mae"] < 0.5 * TAU_TRUE
