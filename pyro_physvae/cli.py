@@ -178,8 +178,13 @@ def cmd_nuts(args: argparse.Namespace) -> None:
 
     report = nuts_report(args.run, args.data, split=args.split, sequences=args.sequences,
                          num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains,
-                         seed=args.seed, out_dir=args.out, chain_method=args.chain_method)
-    print(markdown_table(report["gap"]))
+                         seed=args.seed, out_dir=args.out, chain_method=args.chain_method,
+                         mass_matrix=args.mass_matrix, max_tree_depth=args.max_tree_depth,
+                         amortized_draws=args.amortized_draws)
+    if len(report["gap"]):
+        print(markdown_table(report["gap"]))
+    else:
+        print(f"{report['system']} {report['setting']}: no physics parameters, no amortization-gap rows")
     print(f"max R-hat {report['max_r_hat']:.4f}, min bulk ESS {report['min_ess_bulk']:.0f}, "
           f"divergences {report['divergences']}; files in {Path(report['files']['nuts.nc']).parent}")
 
@@ -415,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
     n.set_defaults(func=cmd_nuts)
+    n.add_argument("--mass-matrix", choices=["laplace", "laplace+adapt", "diagonal"], default="laplace",
+                   help="inverse mass matrix of the standardized latents (see run_nuts)")
+    n.add_argument("--max-tree-depth", type=_positive_int, default=8)
+    n.add_argument("--amortized-draws", type=_positive_int, default=1000,
+                   help="draws of the amortized guide compared with NUTS")
 
     c = sub.add_parser("counterfactual", help="decode with a physics parameter scaled (e.g. the "
                        "pendulum's omega) and compare with the system's truth scaled alike")

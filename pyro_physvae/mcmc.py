@@ -3,39 +3,55 @@ amortization gap of the encoder.
 
 A trained Phys-VAE gives an amortized posterior ``q(z | x)`` from one encoder pass. With the
 decoder's networks held at their trained values, the per-sequence posterior
-``p(omega, z_A1, z_A2 | x_k)`` of the *same* generative model can also be sampled exactly,
-with NUTS; the difference between the two is the amortization gap (plus the family gap of
-the Gaussian guide). This module runs that comparison:
+``p(z_P, z_A, ... | x_k)`` of the *same* generative model can also be sampled exactly, with
+NUTS; the difference between the two is the amortization gap (plus the family gap of the
+Gaussian guide). This module runs that comparison for any
+:class:`~pyro_physvae.base.PhysVAEModel`, whatever its system: it reads only the model's
+public description (``check_observations``, ``observation_dims``, ``observation_coords``,
+``latent_sites``, ``latent_event_shapes``, ``physics_parameters``), never a system name or a
+tensor rank.
 
-* :func:`run_nuts` samples the latents of ``x (K, T)`` with ``pyro.infer.NUTS``; the network
-  weights are ordinary ``PyroModule`` parameters (``param`` sites, never latents) and are
-  frozen (``requires_grad=False``) while it runs, so the gradient of the potential energy
+* :func:`run_nuts` samples the latents of ``x (K, *event)`` with ``pyro.infer.NUTS``; the
+  network weights are ordinary ``PyroModule`` parameters (``param`` sites, never latents) and
+  are frozen (``requires_grad=False``) while it runs, so the gradient of the potential energy
   reaches only the latents.
-* :func:`nuts_to_inference_data` converts the run with ``arviz.from_pyro`` with named dims.
+* :func:`nuts_to_inference_data` converts the run with ``arviz.from_pyro`` with named dims:
+  ``{site}_dim`` for a vector latent, ``("sequence", *model.observation_dims)`` for ``x``.
 * :func:`amortization_gap` and :func:`plot_amortization_gap` compare the two posteriors of
   the physics parameters per sequence; :func:`nuts_report` does everything for a run
   directory and writes the files.
 
-Why starting values and a preconditioner matter here: the ODE likelihood is very sharp (the
-noise std is about 0.008 rad, so the posterior std of omega is a few 1e-3 rad/s) while an
-auxiliary latent that the decoder barely uses keeps its N(0, 1) prior, and in a trained
-model omega and the auxiliary latents are often correlated above 0.9. NUTS from a random
-start with a unit mass matrix either sticks or needs maximal trees for every draw (and the
-warm-up adaptation shrinks its variance estimates towards 1e-3, far above 1e-5).
+Why starting values and a preconditioner matter here: the likelihood is very sharp (for the
+pendulum the noise std is about 0.008 rad, so the posterior std of omega is a few 1e-3 rad/s)
+while an auxiliary latent that the decoder barely uses keeps its N(0, 1) prior, and in a
+trained model the physics and auxiliary latents are often correlated above 0.9. NUTS from a
+random start with a unit mass matrix either sticks or needs maximal trees for every draw (and
+the warm-up adaptation shrinks its variance estimates towards 1e-3, far above 1e-5).
 :func:`starting_values` therefore scores candidate points (draws of the amortized guide, its
-mean, a grid over the physics range), refines the best ones with damped Newton steps on the
-log joint density and returns the Laplace approximation there; NUTS then moves in the
-standardized coordinates ``(value - center) / scale`` (Pyro's ``transforms``) with the
-Laplace correlation as a dense inverse mass matrix (see ``mass_matrix`` of :func:`run_nuts`).
+mean, sweeps and a space-filling design over the physics ranges), refines the best ones with
+damped Newton steps on the log joint density and returns the Laplace approximation there; NUTS
+then moves in the standardized coordinates ``(value - center) / scale`` (Pyro's
+``transforms``) with the Laplace correlation as a dense inverse mass matrix (see
+``mass_matrix`` of :func:`run_nuts`).
 
-Caveat: the model clamps omega to its range ``[low, high]`` before the physics, so outside
-the range the likelihood is flat in omega and the posterior there is the prior times a
-constant. NUTS samples the unclamped ``omega`` site, as the guide does; for data whose
-frequency lies inside the range this tail carries no mass.
+Caveats:
 
-Shapes: ``x`` is ``(K, T)`` angles [rad] at the model's ``T`` times spaced ``dt`` [s];
-latent samples are ``(chain, draw, K, *event)``; ``omega`` is in rad/s, ``z_A1``/``z_A2``
-are dimensionless.
+* A model may clamp a physics parameter to its feasible range before the physics, so outside
+  the range the likelihood is flat in it and the posterior there is the prior times a
+  constant. NUTS samples the unclamped site, as the guide does; for data whose parameter lies
+  inside the range this tail carries no mass.
+* An angle with a ``period`` (the galaxy's ``theta``) is sampled unwrapped: the physics sees
+  it modulo the period, so its posterior on the real line repeats once per period, weighted
+  by the prior. All chains start in the branch of the best point found (see
+  :func:`starting_values`) and a sharp likelihood keeps them there; the summaries, the gap
+  table and its figure compare such an angle modulo its period (in the window of one period
+  centred on the circular mean of the NUTS draws).
+
+Shapes: ``x`` is ``(K, *event)`` (``event`` named by ``model.observation_dims``, e.g.
+``(T,)`` angles [rad] at the model's ``T`` times, ``(X, T)`` fields, ``(C, H, W)`` images);
+latent samples are ``(chain, draw, K, *event)`` with the event shapes of
+``model.latent_event_shapes()``; physics parameters are in their own units, auxiliary and
+state latents are dimensionless.
 """
 
 from __future__ import annotations
@@ -43,7 +59,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +85,9 @@ from pyro_physvae.diagnostics import markdown_table  # noqa: E402
 from pyro_physvae.files import atomic_write  # noqa: E402
 from pyro_physvae.nets import frozen_parameters  # noqa: E402
 from pyro_physvae.ode import IntegrationError  # noqa: E402
-from pyro_physvae.validation import check_positive_int, check_sequences  # noqa: E402
+from pyro_physvae.physics import PhysicalParameter  # noqa: E402
+from pyro_physvae.regularizers import wrapped_error  # noqa: E402
+from pyro_physvae.validation import check_positive_int  # noqa: E402
 
 #: How chains are run: one after the other in this process, or in worker processes.
 CHAIN_METHODS = ("sequential", "parallel")
@@ -83,6 +101,8 @@ GAP_COLUMNS = (
     "mean_gap_sd", "sd_ratio",
 )
 _MAX_SEED = 2**32 - 1
+#: Observation elements decoded per model call when scoring candidates or draws (bounds memory).
+_CHUNK_ELEMENTS = 2**22
 
 
 # -- latents as one flat vector per sequence ------------------------------------------------
@@ -96,15 +116,20 @@ class LatentLayout:
 
     @classmethod
     def of(cls, model: PyroModule) -> LatentLayout:
-        """The layout of ``model.latent_sites`` (omega scalar, z_A1/z_A2 vectors)."""
-        shapes = {"omega": ()}
-        if hasattr(model, "dim_z_aux1"):
-            shapes.update(z_A1=(model.dim_z_aux1,), z_A2=(model.dim_z_aux2,))
+        """The layout of ``model.latent_sites`` with the event shapes of
+        ``model.latent_event_shapes()`` (``()`` for a physics parameter, ``(dim,)`` for a
+        state or auxiliary latent)."""
+        shapes = {k: tuple(int(n) for n in v) for k, v in model.latent_event_shapes().items()}
         names = tuple(sorted(model.latent_sites))
         unknown = [n for n in names if n not in shapes]
         if unknown:
             raise ValueError(f"unknown event shape of latent sites {unknown}")
         return cls(names, tuple(shapes[n] for n in names))
+
+    def positions(self, name: str) -> slice:
+        """Where the scalars of site ``name`` sit in the flat vector of ``D`` scalars."""
+        start = sum(self.sizes[:self.names.index(name)])
+        return slice(start, start + self.sizes[self.names.index(name)])
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -131,13 +156,15 @@ class LatentLayout:
         return out
 
 
-def log_joint(model: PyroModule, x: Tensor, latents: Mapping[str, Tensor]) -> Tensor:
+def log_joint(model: PyroModule, x: Tensor, latents: Mapping[str, Tensor], *,
+              sites: Collection[str] | None = None) -> Tensor:
     """Log joint density ``log p(x_k, z_k)`` of each sequence, shape ``(..., K)``.
 
     Args:
-        x: observed sequences ``(K, T)`` [rad].
+        x: observed sequences ``(K, *event)``.
         latents: a value for every latent site, ``(..., K, *event)``; the leading dims
-            (candidates, chains) broadcast through the model.
+            (candidates, chains, draws) broadcast through the model.
+        sites: sum only these sample sites (e.g. ``{"x"}``: the log-likelihood); default all.
 
     Raises:
         IntegrationError: the ODE solution of some entry is not finite.
@@ -145,10 +172,16 @@ def log_joint(model: PyroModule, x: Tensor, latents: Mapping[str, Tensor]) -> Te
     conditioned = poutine.condition(model, data=dict(latents))
     trace = poutine.trace(conditioned).get_trace(x)
     total = torch.zeros((), dtype=x.dtype, device=x.device)
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and (sites is None or name in sites):
             total = total + site["fn"].log_prob(site["value"])
     return total
+
+
+def _chunk_size(x: Tensor, budget: int = _CHUNK_ELEMENTS) -> int:
+    """Leading entries (candidates, draws) per model call, so that one call decodes at most
+    about ``budget`` observation elements (``x (K, *event)`` has ``x.numel()`` per entry)."""
+    return max(1, budget // max(1, x.numel()))
 
 
 def _safe_log_joint(model: PyroModule, x: Tensor, layout: LatentLayout, flat: Tensor) -> Tensor:
@@ -243,36 +276,84 @@ class StartingValues:
 
 def _candidates(model: PyroModule, x: Tensor, layout: LatentLayout, guide: PyroModule | None,
                 num_candidates: int) -> Tensor:
-    """Candidate points ``(M, K, D)``: the guide's mean and draws (or the prior mean and
-    draws without a guide) and, per physics parameter, a grid over its range with the
-    other latents at the guide's (or prior) mean."""
+    """Candidate points ``(M, K, D)`` with ``M <= 1 + 3 * num_candidates + P``:
+
+    * the guide's mean and ``num_candidates`` draws (the prior's without a guide);
+    * per physics parameter (P of them), a sweep of ``ceil(num_candidates / P)`` points over
+      its range, the other latents at the guide's (or prior) mean;
+    * with two or more physics parameters, a Latin hypercube of ``num_candidates`` points over
+      all their ranges jointly (each parameter's grid of ``num_candidates`` values used once,
+      in a random order), the other latents at the mean; so the count does not grow with P
+      as a full grid (``num_candidates ** P``) would.
+    """
     K = x.shape[0]
+    physics = _physics_positions(model, layout)
     if guide is not None:
         trace = poutine.trace(guide).get_trace(x)
         center = {n: _site_mean(trace.nodes[n]) for n in layout.names}
-        draws = Predictive(guide, num_samples=num_candidates, return_sites=list(layout.names),
-                           parallel=True)(x)
-        draws = {n: draws[n] for n in layout.names}
+        source = guide
     else:
-        prior = poutine.trace(poutine.block(model, hide=["x"])).get_trace(x)
-        center = {n: prior.nodes[n]["fn"].mean.expand(K, *s)
-                  for n, s in zip(layout.names, layout.event_shapes, strict=True)}
-        draws = Predictive(model, num_samples=num_candidates, return_sites=list(layout.names),
-                           parallel=True)(x)
-        draws = {n: draws[n] for n in layout.names}
+        center = {n: m.expand(K, *s) for (n, m), s in zip(_prior_moments(model, x, layout)[0].items(),
+                                                          layout.event_shapes, strict=True)}
+        source = model
+    draws = Predictive(source, num_samples=num_candidates, return_sites=list(layout.names),
+                       parallel=True)(x)
     center_flat = layout.flatten(center).reshape(1, K, layout.dim)
-    parts = [center_flat, layout.flatten(draws)]
-    pos = 0
-    for name, size in zip(layout.names, layout.sizes, strict=True):
-        param = next((p for p in getattr(model, "physics_parameters", ()) if p.name == name), None)
-        if param is not None:
-            grid = torch.linspace(param.low, param.high, num_candidates, dtype=x.dtype,
-                                  device=x.device)
-            block = center_flat.expand(num_candidates, K, layout.dim).clone()
-            block[..., pos] = grid[:, None]
-            parts.append(block)
-        pos += size
+    parts = [center_flat, layout.flatten({n: draws[n] for n in layout.names})]
+    per_sweep = math.ceil(num_candidates / len(physics)) if physics else 0
+    for param, pos in physics:
+        block = center_flat.expand(per_sweep, K, layout.dim).clone()
+        block[..., pos] = _grid(param, per_sweep, x)[:, None]
+        parts.append(block)
+    if len(physics) > 1:
+        block = center_flat.expand(num_candidates, K, layout.dim).clone()
+        for param, pos in physics:
+            order = torch.randperm(num_candidates, device=x.device)
+            block[..., pos] = _grid(param, num_candidates, x)[order][:, None]
+        parts.append(block)
     return torch.cat(parts, 0)
+
+
+def _grid(param: PhysicalParameter, n: int, like: Tensor) -> Tensor:
+    """``n`` evenly spaced values over the range ``[low, high]`` of ``param``."""
+    return torch.linspace(param.low, param.high, n, dtype=like.dtype, device=like.device)
+
+
+def _physics_positions(model: PyroModule, layout: LatentLayout) -> list[tuple[PhysicalParameter, int]]:
+    """Each physics parameter with the position of its (scalar) value in the flat vector."""
+    out = []
+    for param in model.physics_parameters:
+        where = layout.positions(param.name)
+        if where.stop - where.start != 1:
+            raise ValueError(f"physics parameter {param.name!r} is not a scalar site")
+        out.append((param, where.start))
+    return out
+
+
+def _periodic_positions(model: PyroModule, layout: LatentLayout) -> list[tuple[int, float]]:
+    """``(position, period)`` of each physics parameter that is an angle with a ``period``."""
+    return [(pos, float(p.period)) for p, pos in _physics_positions(model, layout)
+            if getattr(p, "period", None) is not None]
+
+
+def _periods(model: PyroModule) -> dict[str, float]:
+    """``{name: period}`` of the physics parameters that are angles."""
+    return {p.name: float(p.period) for p in model.physics_parameters
+            if getattr(p, "period", None) is not None}
+
+
+def _prior_moments(model: PyroModule, x: Tensor, layout: LatentLayout
+                   ) -> tuple[dict[str, Tensor], Tensor]:
+    """The prior mean of each latent site ``{site: (*event)}`` and the prior variances of
+    the ``D`` latent scalars ``(D,)`` (those of the first sequence), read off one trace of
+    the model (so that a model whose priors differ from the defaults is served as it is)."""
+    prior = poutine.trace(poutine.block(model, hide=["x"])).get_trace(x)
+    means, variances = {}, []
+    for name, shape in zip(layout.names, layout.event_shapes, strict=True):
+        fn = prior.nodes[name]["fn"]
+        means[name] = fn.mean.expand(x.shape[0], *shape)[0]
+        variances.append(fn.variance.expand(x.shape[0], *shape)[0].reshape(-1))
+    return means, torch.cat(variances)
 
 
 def _site_mean(site: dict) -> Tensor:
@@ -293,14 +374,17 @@ def starting_values(model: PyroModule, x: Tensor, *, guide: PyroModule | None = 
     sequence (sequences are independent given the fixed nets); every sequence's
     ``num_chains`` best candidates are refined by ``refine_steps`` damped Newton steps, and
     chain ``c`` starts at the ``c``-th refined point plus one draw from its Laplace
-    approximation, so that chains do not start at the same point. The Laplace covariance
-    (averaged over the chains whose Hessian is negative definite; the prior's where none
-    is) gives the scales and correlations.
+    approximation, so that chains do not start at the same point. An angle with a
+    ``period`` is moved by whole periods into the branch of the sequence's best point before
+    the jitter (see :func:`_same_branch`). The Laplace covariance (averaged over the chains
+    whose Hessian is negative definite; the prior's where none is) gives the scales and
+    correlations.
 
     Args:
-        x: observed sequences ``(K, T)`` [rad].
+        x: observations ``(K, *event)``.
         guide: the amortized guide, or ``None`` (prior draws instead of guide draws).
-        num_candidates: guide (or prior) draws, and grid points per physics parameter.
+        num_candidates: guide (or prior) draws, points of the design over the physics
+            ranges (see :func:`_candidates`: at most ``1 + 3 num_candidates + P`` in all).
         refine_steps: Newton steps (0: the best candidates as they are).
 
     Returns:
@@ -319,7 +403,10 @@ def starting_values(model: PyroModule, x: Tensor, *, guide: PyroModule | None = 
 def _best_candidates(model: PyroModule, x: Tensor, layout: LatentLayout, cand: Tensor,
                      num_chains: int) -> Tensor:
     """The ``num_chains`` candidates ``(C, K, D)`` of highest log joint density per sequence."""
-    score = torch.nan_to_num(_safe_log_joint(model, x, layout, cand), nan=-math.inf)
+    step = _chunk_size(x)
+    score = torch.cat([_safe_log_joint(model, x, layout, cand[i:i + step])
+                       for i in range(0, cand.shape[0], step)])
+    score = torch.nan_to_num(score, nan=-math.inf)
     top = score.topk(num_chains, dim=0)  # (C, K)
     if not bool(torch.isfinite(top.values).all()):
         bad = (~torch.isfinite(top.values)).any(0).nonzero().flatten().tolist()
@@ -334,10 +421,11 @@ def _starting_values(model: PyroModule, x: Tensor, layout: LatentLayout, guide: 
     starts = _best_candidates(model, x, layout, cand, num_chains)
     starts, hess = _newton_refine(model, x, layout, starts, refine_steps)
     center = starts[_safe_log_joint(model, x, layout, starts).argmax(0), torch.arange(x.shape[0])]
+    starts = _same_branch(starts, center, _periodic_positions(model, layout))
     cov, good = _laplace_covariance(hess)  # (C, K, D, D), (C, K)
     weight = good.to(cov.dtype)[..., None, None]
     mean_cov = (cov * weight).sum(0) / weight.sum(0).clamp_min(1)
-    prior_cov = torch.diag(_prior_variance(model, layout)).to(cov)
+    prior_cov = torch.diag(_prior_moments(model, x, layout)[1]).to(cov)
     mean_cov = torch.where(good.any(0)[..., None, None], mean_cov, prior_cov)
     scale = torch.diagonal(mean_cov, dim1=-2, dim2=-1).sqrt()
     correlation = mean_cov / (scale.unsqueeze(-1) * scale.unsqueeze(-2))
@@ -352,13 +440,17 @@ def _starting_values(model: PyroModule, x: Tensor, layout: LatentLayout, guide: 
                           _safe_log_joint(model, x, layout, starts))
 
 
-def _prior_variance(model: PyroModule, layout: LatentLayout) -> Tensor:
-    """``(D,)`` prior variances: omega's prior, 1 for the auxiliary latents."""
-    out = []
-    for name, size in zip(layout.names, layout.sizes, strict=True):
-        param = next((p for p in getattr(model, "physics_parameters", ()) if p.name == name), None)
-        out += [param.prior_scale**2 if param is not None else 1.0] * size
-    return torch.tensor(out, dtype=torch.get_default_dtype())
+def _same_branch(starts: Tensor, center: Tensor, periodic: Sequence[tuple[int, float]]) -> Tensor:
+    """``starts (C, K, D)`` with each angle moved by whole periods into the window of one
+    period around its value in ``center (K, D)``: the physics sees an angle modulo its
+    period, so the shifted start describes the same image, and all chains then explore the
+    same branch of the (periodically repeated) posterior."""
+    if not periodic:
+        return starts
+    out = starts.clone()
+    for pos, period in periodic:
+        out[..., pos] = center[:, pos] + wrapped_error(starts[..., pos] - center[:, pos], period)
+    return out
 
 
 def _laplace_covariance(hess: Tensor) -> tuple[Tensor, Tensor]:
@@ -521,8 +613,8 @@ def _check_nuts_args(model: PyroModule, x: Tensor, num_samples: int, warmup_step
                      num_chains: int, target_accept_prob: float, max_tree_depth: int,
                      chain_method: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (K, T), got {type(x).__name__}")
-    check_sequences(x, "x", n_steps=model.n_steps)
+        raise TypeError(f"x must be a torch.Tensor of shape (K, *event), got {type(x).__name__}")
+    model.check_observations(x)
     check_positive_int(num_samples, "num_samples")
     check_positive_int(num_chains, "num_chains")
     check_positive_int(max_tree_depth, "max_tree_depth")
@@ -555,14 +647,16 @@ def run_nuts(
 ) -> MCMC:
     """Sample the latents of the sequences ``x`` with NUTS, the model's networks fixed.
 
-    The target is ``p(omega_k, z_A1_k, z_A2_k | x_k)`` for each of the K sequences (the
-    sites of ``model.latent_sites``, jointly in one NUTS state of ``K * D`` scalars). The
+    The target is ``p(z_k | x_k)`` for each of the K sequences, ``z`` all the sites of
+    ``model.latent_sites`` (physics, state and auxiliary latents, e.g. ``omega, z_A1, z_A2``
+    of the pendulum), jointly in one NUTS state of ``K * D`` scalars. The
     model's weights are frozen during the run (:func:`frozen_parameters`) and restored
     afterwards; they are ``param`` sites, which NUTS never samples.
 
     Args:
         model: a trained model, called as ``model(x)``; its sites sit in the ``data`` plate.
-        x: observed sequences ``(K, T)`` [rad], K small (1 to 5).
+        x: observations ``(K, *event)`` (checked by ``model.check_observations``), K small
+            (1 to 5).
         guide: the amortized guide, used for starting values (see :func:`starting_values`).
         num_samples, warmup_steps: draws kept and warm-up iterations per chain.
         num_chains: independent chains C (for R-hat, at least 2).
@@ -573,7 +667,7 @@ def run_nuts(
             ``None`` (with ``num_chains`` starts).
         mass_matrix: NUTS moves in the standardized latents ``(value - center) / scale``
             with the inverse mass matrix ``"laplace"`` (default: the dense Laplace
-            correlation of each sequence's latents, kept fixed; omega and the auxiliary
+            correlation of each sequence's latents, kept fixed; the physics and auxiliary
             latents of a trained model are often correlated above 0.9, which a diagonal
             matrix cannot undo), ``"laplace+adapt"`` (the same to start with, then Pyro's
             dense warm-up adaptation; for long warm-ups and non-Gaussian posteriors) or
@@ -618,15 +712,25 @@ def run_nuts(
 
 
 # -- ArviZ -------------------------------------------------------------------------------
-def _coords_dims(model: PyroModule, sequence_ids: Sequence[int]) -> tuple[dict, dict]:
-    coords: dict[str, Any] = {"sequence": np.asarray(sequence_ids),
-                              "time": model.t.detach().cpu().numpy()}
-    dims: dict[str, list[str]] = {"omega": ["sequence"], "x": ["sequence", "time"]}
-    for name in ("z_A1", "z_A2"):
-        if name in model.latent_sites:
-            size = model.dim_z_aux1 if name == "z_A1" else model.dim_z_aux2
-            coords[f"{name}_dim"] = np.arange(size)
-            dims[name] = ["sequence", f"{name}_dim"]
+def _coords_dims(model: PyroModule, sequence_ids: Sequence[int],
+                 observation_coords: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+    """ArviZ ``coords`` and ``dims``: ``sequence`` for every site, ``{site}_dim`` for the
+    event dim of a vector latent, ``model.observation_dims`` for ``x``; coordinates of the
+    observation dims from ``model.observation_coords()``, updated by ``observation_coords``
+    (e.g. a data set's; those of other dims are ignored)."""
+    coords: dict[str, Any] = {"sequence": np.asarray(sequence_ids)}
+    dims: dict[str, list[str]] = {"x": ["sequence", *model.observation_dims]}
+    known = {k: v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+             for k, v in {**model.observation_coords(), **(observation_coords or {})}.items()}
+    coords.update({k: v for k, v in known.items() if k in model.observation_dims})
+    for name, shape in model.latent_event_shapes().items():
+        if name not in model.latent_sites:
+            continue
+        if len(shape) > 1:
+            raise ValueError(f"latent site {name!r} has event shape {shape}; only scalars and "
+                             f"vectors get named dims")
+        dims[name] = ["sequence", *(f"{name}_dim" for _ in shape)]
+        coords.update({f"{name}_dim": np.arange(n) for n in shape})
     return coords, dims
 
 
@@ -637,29 +741,114 @@ def _sequence_ids(sequence_ids: Sequence[int] | None, K: int) -> list[int]:
     return ids
 
 
+def _likelihoods(model: PyroModule, x: Tensor, samples: Mapping[str, Tensor]):
+    """The observation distribution ``p(x | z)`` (batch ``(n, K)``) of chunks of ``n`` draws
+    of ``samples {site: (chain, draw, K, *event)}``, in order (chunks bound the memory that
+    a model of large observations, such as images, needs)."""
+    lead = next(iter(samples.values())).shape[:2]
+    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
+    step = _chunk_size(x)
+    for i in range(0, lead[0] * lead[1], step):
+        chunk = {k: v[i:i + step] for k, v in flat.items()}
+        trace = poutine.trace(poutine.condition(model, data=chunk)).get_trace(x)
+        yield trace.nodes["x"]["fn"]
+
+
+@torch.no_grad()
+def pointwise_log_likelihood(model: PyroModule, x: Tensor, samples: Mapping[str, Tensor]) -> Tensor:
+    """``log p(x_k | z)`` of every draw and sequence, ``(chain, draw, K)``, from draws
+    ``{site: (chain, draw, K, *event)}`` (summed over the event dims of ``x``)."""
+    lead = next(iter(samples.values())).shape[:2]
+    parts = [fn.log_prob(x) for fn in _likelihoods(model, x, samples)]
+    return torch.cat(parts).reshape(*lead, x.shape[0])
+
+
+@torch.no_grad()
+def posterior_predictive(model: PyroModule, x: Tensor, samples: Mapping[str, Tensor]) -> Tensor:
+    """One replicate ``x_rep ~ p(x | z)`` per draw, ``(chain, draw, K, *event)``, from draws
+    ``{site: (chain, draw, K, *event)}`` (torch's global random state)."""
+    lead = next(iter(samples.values())).shape[:2]
+    parts = [fn.sample() for fn in _likelihoods(model, x, samples)]
+    return torch.cat(parts).reshape(*lead, *x.shape)
+
+
 def nuts_to_inference_data(mcmc: MCMC, model: PyroModule, x: Tensor, *,
-                           sequence_ids: Sequence[int] | None = None) -> az.InferenceData:
+                           sequence_ids: Sequence[int] | None = None,
+                           coords: Mapping[str, Any] | None = None,
+                           predictive: bool = False) -> az.InferenceData:
     """Convert a :func:`run_nuts` result with ``arviz.from_pyro``.
 
-    Groups: ``posterior`` (``omega (chain, draw, sequence)`` [rad/s],
-    ``z_A1 (chain, draw, sequence, z_A1_dim)``, ``z_A2 (..., z_A2_dim)``), ``sample_stats``
-    (``diverging``), ``log_likelihood`` (``x (chain, draw, sequence)``, summed over time) and
-    ``observed_data`` (``x (sequence, time)`` [rad], ``time`` in seconds). ``sequence`` holds
-    ``sequence_ids`` (default ``0..K-1``). ``arviz.summary(idata)`` gives R-hat and ESS.
+    Groups: ``posterior`` (each latent site ``(chain, draw, sequence)`` for a scalar such as
+    a physics parameter, in its units, or ``(chain, draw, sequence, {site}_dim)`` for a
+    vector latent), ``sample_stats`` (``diverging``, ...), ``log_likelihood`` (``x (chain,
+    draw, sequence)``, summed over the event dims) and ``observed_data`` (``x (sequence,
+    *model.observation_dims)``, e.g. ``(sequence, time)`` with ``time`` in seconds).
+    ``sequence`` holds ``sequence_ids`` (default ``0..K-1``). The posterior variable of an
+    angle carries its ``period`` as an attribute. ``arviz.summary(idata)`` gives R-hat and
+    ESS (see :func:`posterior_summary` for angles). With ``predictive``, also
+    ``posterior_predictive`` (``x (chain, draw, sequence, *model.observation_dims)``, one
+    replicate per draw: as many numbers as the draws times ``x.numel()``).
 
     Args:
-        x: the sequences the chains were run on ``(K, T)`` (checked against the run).
+        x: the observations the chains were run on ``(K, *event)`` (checked against the run).
+        coords: coordinates of observation dims, e.g. a data set's ``{"space": ..., "time":
+            ...}``; they replace those of ``model.observation_coords()``.
     """
     if mcmc._args is None or mcmc._samples is None:
         raise ValueError("the MCMC has not been run yet")
     ran_on = mcmc._args[0]
     if tuple(ran_on.shape) != tuple(x.shape) or not torch.equal(ran_on.cpu(), x.detach().cpu()):
         raise ValueError("x is not the data the MCMC was run on")
-    coords, dims = _coords_dims(model, _sequence_ids(sequence_ids, x.shape[0]))
+    coords_all, dims = _coords_dims(model, _sequence_ids(sequence_ids, x.shape[0]), coords)
     with frozen_parameters(model), torch.no_grad():
-        idata = az.from_pyro(mcmc, coords=coords, dims=dims, log_likelihood=True)
+        idata = az.from_pyro(mcmc, coords=coords_all, dims=dims, log_likelihood=False)
+        samples = mcmc.get_samples(group_by_chain=True)
+        loglik = pointwise_log_likelihood(model, x, samples)
+        replicates = posterior_predictive(model, x, samples) if predictive else None
+    idata.add_groups({"log_likelihood": {"x": loglik.cpu().numpy()}},
+                     coords={"sequence": coords_all["sequence"]}, dims={"x": ["sequence"]})
+    if replicates is not None:
+        idata.add_groups({"posterior_predictive": {"x": replicates.cpu().numpy()}},
+                         coords=coords_all, dims={"x": dims["x"]})
+    for name, period in _periods(model).items():
+        if name in idata.posterior:
+            idata.posterior[name].attrs["period"] = period
     idata.posterior.attrs["model_setting"] = str(getattr(model.setting, "value", model.setting))
     return idata
+
+
+def _angle_center(draws: np.ndarray, period: float, axis: tuple[int, ...]) -> np.ndarray:
+    """The circular mean of angles ``draws`` over ``axis`` (kept, size 1), as the
+    representative nearest their median: for draws within one branch, their own branch."""
+    phase = 2 * np.pi * draws / period
+    mean = np.arctan2(np.sin(phase).mean(axis, keepdims=True),
+                      np.cos(phase).mean(axis, keepdims=True)) * period / (2 * np.pi)
+    return mean + period * np.round((np.median(draws, axis, keepdims=True) - mean) / period)
+
+
+def _around(values: np.ndarray, center: np.ndarray | float, period: float) -> np.ndarray:
+    """``values`` moved by whole periods into ``[center - period / 2, center + period / 2)``."""
+    return center + np.remainder(np.asarray(values, float) - center + period / 2, period) - period / 2
+
+
+def _unwrapped(draws: np.ndarray, period: float, axis: tuple[int, ...]) -> np.ndarray:
+    """Angles ``draws`` moved by whole periods into the window of one period centred on
+    their circular mean over ``axis`` (the other axes, e.g. sequences, each their own)."""
+    return _around(draws, _angle_center(draws, period, axis), period)
+
+
+def posterior_summary(idata: az.InferenceData, model: PyroModule, **kwargs) -> pd.DataFrame:
+    """``arviz.summary`` of the model's latent sites (``kwargs`` go to it), an angle with a
+    ``period`` taken modulo the period: its draws are first moved by whole periods into the
+    window of one period centred on their circular mean (per sequence), so that chains in
+    different branches of the same angle count as agreeing."""
+    posterior = idata.posterior[list(model.latent_sites)].copy()
+    for name, period in _periods(model).items():
+        if name in posterior:
+            var = posterior[name]
+            axis = (var.dims.index("chain"), var.dims.index("draw"))
+            posterior[name] = var.copy(data=_unwrapped(var.values, period, axis))
+    return az.summary(posterior, **kwargs)
 
 
 # -- the amortization gap ------------------------------------------------------------------
@@ -723,6 +912,11 @@ def amortization_gap(
       ``sd_ratio = amortized_sd / nuts_sd`` (1 is no gap; > 1 the guide is too wide);
     * ``truth``: the true value if given, else NaN. Values are in the parameter's units.
 
+    An angle with a ``period`` (e.g. the galaxy's ``theta``) is compared modulo its period:
+    per sequence, the NUTS draws, the amortized draws and the truth are moved by whole
+    periods into the window of one period centred on the circular mean of the NUTS draws,
+    and every column is computed there (R-hat and ESS too).
+
     Args:
         model: the model the chains sampled (it names the physics parameters).
         mcmc: a :func:`run_nuts` result or its InferenceData.
@@ -740,6 +934,7 @@ def amortization_gap(
     ids = _sequence_ids(sequence_ids, x.shape[0])
     if amortized is None:
         amortized = amortized_samples(guide, x, names, num_samples=num_samples, seed=seed)
+    periods = _periods(model)
     rows = []
     for site in names:
         nuts = _nuts_draws(mcmc, site)
@@ -747,14 +942,28 @@ def amortization_gap(
             raise ValueError(f"{site}: NUTS draws {nuts.shape} and amortized draws "
                              f"{amortized[site].shape} must both cover the {len(ids)} sequences")
         true = None if truth is None or site not in truth else np.asarray(truth[site], float)
+        period = periods.get(site)
         for (name, q), (_, p) in zip(_scalar_parameters(site, amortized[site], 1),
                                      _scalar_parameters(site, nuts, 2), strict=True):
             for k, seq in enumerate(ids):
-                rows.append(_gap_row(seq, name, q[:, k], p[:, :, k], level,
-                                     math.nan if true is None else float(true[k])))
+                qk, pk = np.asarray(q[:, k], float), np.asarray(p[:, :, k], float)
+                tk = math.nan if true is None else float(true[k])
+                if period is not None:
+                    qk, pk, tk = _modulo_period(qk, pk, tk, period)
+                rows.append(_gap_row(seq, name, qk, pk, level, tk))
     table = pd.DataFrame(rows, columns=list(GAP_COLUMNS))
     table.attrs["level"] = level
     return table
+
+
+def _modulo_period(q: np.ndarray, p: np.ndarray, truth: float, period: float
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Amortized draws ``q (S,)``, NUTS draws ``p (chain, draw)`` and the truth of an angle,
+    each moved by whole periods into the window of one period centred on the circular mean
+    of ``p``."""
+    center = float(_angle_center(p, period, (0, 1)).reshape(()))
+    return (_around(q, center, period), _around(p, center, period),
+            truth if math.isnan(truth) else float(_around(truth, center, period)))
 
 
 def _gap_row(seq: int, name: str, q: np.ndarray, p: np.ndarray, level: float,
@@ -787,6 +996,7 @@ def plot_amortization_gap(
     truth: Sequence[float] | None = None,
     sequence_ids: Sequence[int] | None = None,
     level: float = 0.9,
+    period: float | None = None,
 ) -> Path:
     """Two panels per sequence (columns) for a scalar ``parameter``.
 
@@ -798,6 +1008,9 @@ def plot_amortization_gap(
     Args:
         amortized: ``{site: (S, K)}`` guide draws (:func:`amortized_samples`).
         path: the image file to write (its folder is created).
+        period: the period of an angle (e.g. pi for the galaxy's ``theta``): both posteriors
+            and the truth are then drawn in the window of one period centred on the
+            circular mean of the NUTS draws, as :func:`amortization_gap` compares them.
     """
     nuts = _nuts_draws(mcmc, parameter)
     if nuts.ndim != 3:
@@ -807,8 +1020,11 @@ def plot_amortization_gap(
     ids = _sequence_ids(sequence_ids, K)
     fig, axes = plt.subplots(2, K, figsize=(3.8 * K, 5.4), squeeze=False)
     for k in range(K):
-        p, qk = nuts[:, :, k].reshape(-1), q[:, k]
-        true = None if truth is None else float(truth[k])
+        p, qk = nuts[:, :, k], q[:, k]
+        true = math.nan if truth is None else float(truth[k])
+        if period is not None:
+            qk, p, true = _modulo_period(qk, p, true, period)
+        p, true = p.reshape(-1), None if math.isnan(true) else true
         _plot_full(axes[0, k], p, qk, true, level)
         _plot_zoom(axes[1, k], p, qk, true)
         axes[0, k].set_title(f"sequence {ids[k]}", fontsize=9)
@@ -871,6 +1087,15 @@ def check_sequence_indices(sequences: Sequence[int], n: int) -> list[int]:
     return out
 
 
+def _observation_coords(ds: Any, model: PyroModule) -> dict[str, np.ndarray]:
+    """The data set's coordinates of the observation dims of ``x`` (``ds["x"].dims`` after
+    ``sequence``), where it has them and they are named as the model names them."""
+    dims = ds["x"].dims[1:]
+    if tuple(dims) != tuple(model.observation_dims):
+        return {}
+    return {d: ds[d].values for d in dims if d in ds.coords}
+
+
 def nuts_report(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -900,14 +1125,18 @@ def nuts_report(
     that ``Run.guide_for`` fits to these sequences):
 
     * ``nuts.nc``: the InferenceData (netCDF, :func:`nuts_to_inference_data`);
-    * ``summary.csv``: ``arviz.summary`` of all latents (mean, sd, HDI, MCSE, ``ess_bulk``,
-      ``ess_tail``, ``r_hat``);
+    * ``summary.csv``: :func:`posterior_summary` of all latents (``arviz.summary``: mean,
+      sd, HDI, MCSE, ``ess_bulk``, ``ess_tail``, ``r_hat``; angles modulo their period);
     * ``amortization_gap.csv`` and ``.md``: :func:`amortization_gap` with the true values of
       the data set where it has them;
     * ``amortization_gap.png``: :func:`plot_amortization_gap` of each physics parameter
-      (``amortization_gap_<name>.png`` if there are several). An ``nn-only`` run has no
-      physics parameter: NUTS still samples its z_A, the gap table has no rows and no
-      figure is written.
+      (``amortization_gap_<name>.png`` if there are several, e.g. the galaxy's I0, A, e and
+      theta). A run without physics parameters (``nn-only``; locomotion, whose physics
+      latents ``y0`` and ``z_P`` are state latents) has its latents sampled all the same, a
+      gap table without rows and no figure.
+
+    The observations' dims and coordinates in ``nuts.nc`` are the data set's
+    (``ds["x"].dims`` and coords) where they match ``model.observation_dims``.
 
     Returns:
         ``max_r_hat``, ``min_ess_bulk``, ``min_ess_tail`` (over all latent scalars),
@@ -933,9 +1162,10 @@ def nuts_report(
                     warmup_steps=warmup_steps, num_chains=num_chains, seed=seed,
                     max_tree_depth=max_tree_depth, chain_method=chain_method,
                     mass_matrix=mass_matrix, progress=progress)
-    idata = nuts_to_inference_data(mcmc, run.model, x, sequence_ids=ids)
+    idata = nuts_to_inference_data(mcmc, run.model, x, sequence_ids=ids,
+                                   coords=_observation_coords(ds, run.model))
     physics = [p.name for p in run.model.physics_parameters]
-    truth = {n: ds[n].values for n in physics if n in ds}
+    truth = {n: ds[n].values for n in physics if n in ds and ds[n].dims == ("sequence",)}
     amortized = amortized_samples(guide, x, physics, num_samples=amortized_draws, seed=seed)
     gap = amortization_gap(run.model, guide, x, idata, level=level, truth=truth,
                            sequence_ids=ids, amortized=amortized)
@@ -946,14 +1176,15 @@ def nuts_report(
              "amortization_gap.csv": out / "amortization_gap.csv",
              "amortization_gap.md": out / "amortization_gap.md"}
     atomic_write(files["nuts.nc"], idata.to_netcdf)
-    summary = az.summary(idata, var_names=list(run.model.latent_sites), round_to=4)
+    summary = posterior_summary(idata, run.model, round_to=4)
     summary.to_csv(files["summary.csv"])
     gap.to_csv(files["amortization_gap.csv"], index=False)
     files["amortization_gap.md"].write_text(markdown_table(gap))
     for name in physics:
         fig = "amortization_gap.png" if len(physics) == 1 else f"amortization_gap_{name}.png"
         files[fig] = plot_amortization_gap(idata, amortized, out / fig, parameter=name,
-                                           truth=truth.get(name), sequence_ids=ids, level=level)
+                                           truth=truth.get(name), sequence_ids=ids, level=level,
+                                           period=_periods(run.model).get(name))
     divergences = int(idata.sample_stats["diverging"].values.sum())
     return {"system": run.system.name, "setting": run.setting.value, "split": split,
             "guide": run.guide_kind, "sequences": ids, "num_chains": num_chains, "num_samples": num_samples,

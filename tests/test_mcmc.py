@@ -23,10 +23,12 @@ import torch
 from conftest import SMALL_GUIDE, SMALL_MODEL, make_pair
 from pyro.ops.integrator import potential_grad
 
+from pyro_physvae.data.io import SPLITS, save_dataset
 from pyro_physvae.diagnostics import markdown_table
 from pyro_physvae.mcmc import (
     GAP_COLUMNS,
     LatentLayout,
+    _candidates,
     _GuardedPotential,
     amortization_gap,
     amortized_samples,
@@ -37,13 +39,17 @@ from pyro_physvae.mcmc import (
     nuts_report,
     nuts_to_inference_data,
     plot_amortization_gap,
+    posterior_summary,
     run_nuts,
     starting_values,
 )
 from pyro_physvae.ode import IntegrationError
+from pyro_physvae.systems import SYSTEMS, get_system
 from pyro_physvae.train import TrainConfig, train
 
 OMEGA_TRUE = (1.3, 2.6)  # rad/s
+#: Draws and warm-up per chain of the NUTS runs on every system (two chains): a smoke run.
+NUTS_DRAWS, NUTS_WARMUP = 10, 10
 INIT = (0.6, -0.4)  # rad
 
 
@@ -340,3 +346,166 @@ def test_example_script_runs(tmp_path: Path, monkeypatch) -> None:
     assert len(report["gap"]) == 2
     assert np.isfinite(report["max_r_hat"])
     assert Path(report["files"]["amortization_gap.png"]).is_file()
+
+
+# -- every built-in system -------------------------------------------------------------------
+def tiny_system(name: str, setting: str = "phys+nn+reg"):
+    """A system's tiny data sets (``test_sizes["data"]``) and an untrained model and guide of
+    its tiny sizes; the networks' last layers start at zero, so the model is its physics."""
+    system = get_system(name)
+    sizes = system.test_sizes
+    datasets = system.generate(seed=0, **sizes["data"])
+    model_kwargs = {**system.model_kwargs_from_data(datasets["test"]), **sizes["model"]}
+    model, guide = system.build(setting, model_kwargs, sizes["guide"])
+    return system, datasets, model, guide
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SYSTEMS)
+def test_nuts_on_every_system(name: str) -> None:
+    system, datasets, model, guide = tiny_system(name)
+    ds = datasets["test"].isel(sequence=[3, 1])
+    x = system.observations(ds)
+    # A smoke run (trees capped at 16 leapfrog steps to bound the cost): R-hat < 1.01 on every
+    # latent needs a few hundred draws per chain, minutes per system on one busy core.
+    mcmc = run_nuts(model, x, guide=guide, num_samples=NUTS_DRAWS, warmup_steps=NUTS_WARMUP,
+                    num_chains=2, seed=0, max_tree_depth=4)
+    idata = nuts_to_inference_data(mcmc, model, x, sequence_ids=[3, 1], predictive=True)
+    summary = posterior_summary(idata, model, round_to="none")
+    assert len(summary) == sum(math.prod(s) for s in model.latent_event_shapes().values()) * 2
+    assert np.isfinite(summary["mean"]).all() and (summary["sd"] > 0).all()
+
+    # Every latent, with {site}_dim for a vector; x with the model's observation dims.
+    shapes = model.latent_event_shapes()
+    assert set(idata.posterior.data_vars) == set(model.latent_sites)
+    for site in model.latent_sites:
+        assert idata.posterior[site].dims == ("chain", "draw", "sequence",
+                                              *(f"{site}_dim" for _ in shapes[site]))
+        assert idata.posterior[site].shape[2:] == (2, *shapes[site])
+    obs = model.observation_dims
+    assert idata.posterior_predictive["x"].dims == ("chain", "draw", "sequence", *obs)
+    assert idata.posterior_predictive["x"].shape == (2, NUTS_DRAWS, *x.shape)
+    assert idata.observed_data["x"].dims == ("sequence", *obs)
+    np.testing.assert_allclose(idata.observed_data["x"].values, x.numpy())
+    assert list(idata.posterior["sequence"].values) == [3, 1]
+    for dim, values in model.observation_coords().items():
+        np.testing.assert_allclose(idata.observed_data[dim].values, values.numpy())
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "sequence")
+    assert np.isfinite(idata.log_likelihood["x"].values).all()
+
+    # The gap table: a row per sequence and physics parameter, angles modulo their period.
+    truth = {p.name: ds[p.name].values for p in model.physics_parameters if p.name in ds}
+    table = amortization_gap(model, guide, x, idata, num_samples=200, truth=truth,
+                             sequence_ids=[3, 1])
+    names = [p.name for p in model.physics_parameters]
+    assert list(table["parameter"]) == [n for n in names for _ in range(2)]
+    assert (table["nuts_lo"] <= table["nuts_mean"]).all() and (table["nuts_mean"] <= table["nuts_hi"]).all()
+    for p in model.physics_parameters:
+        period = getattr(p, "period", None)
+        if period is not None:
+            rows = table[table["parameter"] == p.name]
+            assert ((rows["truth"] - rows["nuts_mean"]).abs() <= period / 2).all()
+            assert ((rows["amortized_hi"] - rows["amortized_lo"]) <= period).all()
+
+
+def test_candidates_stay_bounded_with_many_physics_parameters() -> None:
+    _, datasets, model, guide = tiny_system("galaxy")
+    x = get_system("galaxy").observations(datasets["test"])[:2]
+    layout = LatentLayout.of(model)
+    assert len(model.physics_parameters) == 4
+    assert layout.names == ("A", "I0", "e", "theta", "z_A2")
+    cand = _candidates(model, x, layout, guide, 16)
+    # mean + 16 draws + 4 sweeps of 4 points + a 16-point Latin hypercube, not 16 ** 4.
+    assert cand.shape == (1 + 16 + 16 + 16, 2, layout.dim)
+    design = cand[-16:, 0]
+    for p in model.physics_parameters:
+        pos = layout.positions(p.name).start
+        grid = torch.linspace(p.low, p.high, 16)
+        # Each parameter's grid is used once in the design (a Latin hypercube).
+        torch.testing.assert_close(design[:, pos].sort().values, grid)
+    # A pendulum keeps its single grid of 16 points over omega's range.
+    pend, pend_guide = make_pair("phys+nn", n_steps=12, dt=0.1)
+    pend_layout = LatentLayout.of(pend)
+    assert _candidates(pend, simulate(pend), pend_layout, pend_guide, 16).shape[0] == 1 + 16 + 16
+
+
+def test_angles_are_compared_modulo_their_period() -> None:
+    _, _, model, guide = tiny_system("galaxy", "phys-only")
+    period = math.pi
+    # NUTS draws near pi (one chain a period lower), encoder draws near 0, truth at 0.02:
+    # modulo pi they all agree to within a few hundredths.
+    rng = np.random.default_rng(0)
+    nuts = np.stack([period - 0.01 + 0.01 * rng.standard_normal(400),
+                     -0.01 + 0.01 * rng.standard_normal(400)])[..., None]  # (chain, draw, 1)
+    idata = az.from_dict(posterior={p.name: nuts if p.name == "theta" else rng.random((2, 400, 1))
+                                    for p in model.physics_parameters})
+    amortized = {p.name: rng.random((300, 1)) for p in model.physics_parameters}
+    amortized["theta"] = 0.05 * rng.standard_normal((300, 1))
+    x = torch.zeros(1, *model.observation_shape())
+    table = amortization_gap(model, guide, x, idata, amortized=amortized,
+                             truth={"theta": [0.02]}).set_index("parameter")
+    row = table.loc["theta"]
+    # One representative of the angle (a whole number of periods apart from -0.01) ...
+    assert math.remainder(row["nuts_mean"] + 0.01, period) == pytest.approx(0.0, abs=2e-3)
+    assert row["nuts_sd"] == pytest.approx(0.01, rel=0.15)
+    assert row["r_hat"] < 1.01  # the two chains sit in different branches of one angle
+    # ... and the truth and the encoder's draws in the same window around it.
+    assert row["truth"] - row["nuts_mean"] == pytest.approx(0.03, abs=2e-3)
+    assert row["amortized_mean"] - row["nuts_mean"] == pytest.approx(0.01, abs=0.01)
+    assert row["amortized_sd"] == pytest.approx(0.05, rel=0.15)
+    assert row["nuts_lo"] < row["nuts_mean"] < row["nuts_hi"] < row["nuts_lo"] + 0.1
+    assert math.isnan(table.loc["I0", "truth"]) and table.loc["I0", "r_hat"] < 1.1
+    summary = posterior_summary(idata, model, round_to="none")
+    assert summary.loc["theta[0]", "r_hat"] < 1.01
+    assert summary.loc["theta[0]", "sd"] == pytest.approx(row["nuts_sd"], rel=1e-6)
+    assert az.summary(idata, var_names=["theta"])["r_hat"].max() > 1.5  # unwrapped: no mixing
+
+
+@pytest.fixture(scope="module")
+def tiny_advdif_run(tmp_path_factory) -> tuple[Path, Path]:
+    system, datasets, _, _ = tiny_system("advdif")
+    data_dir = tmp_path_factory.mktemp("advdif_data")
+    for split in SPLITS:
+        save_dataset(datasets[split], data_dir / f"{split}.nc")
+    run_dir = tmp_path_factory.mktemp("advdif_run")
+    sizes = system.test_sizes
+    train(system, "phys+nn+reg", data_dir, run_dir, TrainConfig(epochs=2, batch_size=16, threads=1),
+          model_kwargs=dict(sizes["model"]), guide_kwargs=dict(sizes["guide"]), progress=False)
+    return data_dir, run_dir
+
+
+@pytest.mark.slow
+def test_nuts_report_of_another_system(tiny_advdif_run, tmp_path: Path) -> None:
+    data_dir, run_dir = tiny_advdif_run
+    out = tmp_path / "nuts"
+    report = nuts_report(run_dir, sequences=(4, 0), num_samples=20, warmup_steps=20,
+                         num_chains=2, out_dir=out, amortized_draws=50)
+    assert report["system"] == "advdif" and report["sequences"] == [4, 0]
+    for name in ("nuts.nc", "summary.csv", "amortization_gap.csv", "amortization_gap.md",
+                 "amortization_gap.png"):
+        assert (out / name).is_file(), name
+    idata = az.from_netcdf(out / "nuts.nc")
+    test = get_system("advdif").load_split(data_dir, "test")
+    assert idata.observed_data["x"].dims == ("sequence", "space", "time")
+    # The data set's coordinates (grid positions [m], times [s]) travel with x.
+    np.testing.assert_allclose(idata.observed_data["space"].values, test["space"].values)
+    np.testing.assert_allclose(idata.observed_data["time"].values, test["time"].values)
+    np.testing.assert_allclose(idata.observed_data["x"].values, test["x"].values[[4, 0]])
+    assert idata.posterior["z_A1"].dims == ("chain", "draw", "sequence", "z_A1_dim")
+    gap = pd.read_csv(out / "amortization_gap.csv")
+    assert list(gap["parameter"]) == ["diffusion"] * 2
+    np.testing.assert_allclose(gap["truth"], test["diffusion"].values[[4, 0]], rtol=1e-6)
+    summary = pd.read_csv(out / "summary.csv", index_col=0)
+    assert report["max_r_hat"] == pytest.approx(summary["r_hat"].max())
+
+
+@pytest.mark.slow
+def test_nuts_command_on_another_system(tiny_advdif_run, tmp_path: Path, capsys) -> None:
+    from pyro_physvae.cli import main
+
+    _, run_dir = tiny_advdif_run
+    main(["nuts", str(run_dir), "--sequences", "0,1", "--chains", "2", "--samples", "10",
+          "--warmup", "10", "--amortized-draws", "20", "--out", str(tmp_path / "cli")])
+    printed = capsys.readouterr().out
+    assert "| sequence | parameter |" in printed and "max R-hat" in printed
+    assert (tmp_path / "cli" / "nuts.nc").is_file()
