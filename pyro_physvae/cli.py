@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                                            ("rtol", args.rtol), ("atol", args.atol)) if v is not None})
     history = train(system, args.setting, args.data, args.out,
                     _train_config(args, system.train_defaults), model_kwargs=model_kwargs,
-                    resume=args.resume, progress=not args.quiet)
+                    guide_kwargs=dict(args.guide_option), resume=args.resume, progress=not args.quiet)
     best = min(history, key=lambda r: r["val_loss"])
     print(f"done: {len(history)} epochs; best validation loss {best['val_loss']:.4g} at epoch "
           f"{best['epoch']}; checkpoints in {args.out}")
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-option", type=model_option_arg, action="append", default=[],
                    metavar="KEY=VALUE", help="a model constructor argument, VALUE as JSON, e.g. "
                    "dim_z_aux1=3 or aux1_state_inputs='[\"velocity\"]' (repeatable)")
+    t.add_argument("--guide-option", type=model_option_arg, action="append", default=[],
+                   metavar="KEY=VALUE", help="an amortized guide constructor argument, VALUE as JSON, "
+                   "e.g. hidden_feat='[64, 64]' (repeatable)")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--checkpoint-every", type=_positive_int, default=10)
@@ -417,14 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--warmup", type=_positive_int, default=500)
     n.add_argument("--chains", type=_positive_int, default=4)
     n.add_argument("--chain-method", choices=["sequential", "parallel"], default="sequential")
-    n.add_argument("--seed", type=int, default=0)
-    n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
-    n.set_defaults(func=cmd_nuts)
     n.add_argument("--mass-matrix", choices=["laplace", "laplace+adapt", "diagonal"], default="laplace",
                    help="inverse mass matrix of the standardized latents (see run_nuts)")
     n.add_argument("--max-tree-depth", type=_positive_int, default=8)
     n.add_argument("--amortized-draws", type=_positive_int, default=1000,
                    help="draws of the amortized guide compared with NUTS")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
+    n.set_defaults(func=cmd_nuts)
 
     c = sub.add_parser("counterfactual", help="decode with a physics parameter scaled (e.g. the "
                        "pendulum's omega) and compare with the system's truth scaled alike")
