@@ -82,6 +82,7 @@ from torch import Tensor  # noqa: E402
 from torch.distributions.transforms import AffineTransform  # noqa: E402
 
 from pyro_physvae.diagnostics import markdown_table  # noqa: E402
+from pyro_physvae.figures import save_figure  # noqa: E402
 from pyro_physvae.files import atomic_write  # noqa: E402
 from pyro_physvae.nets import frozen_parameters  # noqa: E402
 from pyro_physvae.ode import IntegrationError  # noqa: E402
@@ -1032,12 +1033,7 @@ def plot_amortization_gap(
         axes[0, k].legend(fontsize=6)
     axes[0, 0].set_ylabel("density (log scale)")
     axes[1, 0].set_ylabel("density, NUTS range")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_full(ax: plt.Axes, p: np.ndarray, q: np.ndarray, truth: float | None,

@@ -526,7 +526,7 @@ def test_regularizers_act_inside_a_hierarchical_program():
                   + sq(c["x_mean"], c["x_PB"]))
     unmix = sq(guide_tr.nodes["unmixed"]["value"], c["x_P"])
     precision = 0.5 / float(pendulum.noise_scale()) ** 2
-    expected = (6 / 3) * precision * (alpha * ppc + gamma * unmix).sum()
+    expected = (6 / 3) * precision * (alpha * ppc + gamma * unmix).sum().detach()
     site = model_tr.nodes[REGULARIZER_SITE]
     got = float(site["fn"].log_prob(site["value"]).sum().detach())
     assert got == pytest.approx(-float(expected), rel=1e-4)
