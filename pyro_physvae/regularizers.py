@@ -85,14 +85,6 @@ class ComponentCall:
         return pyro.sample(name, fn, obs=value, infer=infer)
 
 
-def guide_deterministic(name: str, value: Tensor, event_dim: int | None = None) -> Tensor:
-    """Record an intermediate value of a guide that is not a Phys-VAE guide as a
-    deterministic site (like ``pyro.deterministic``, marked auxiliary)."""
-    event_dim = value.dim() if event_dim is None else event_dim
-    fn = dist.Delta(value, event_dim=event_dim).mask(False)
-    return pyro.sample(name, fn, obs=value, infer={"_deterministic": True, "is_auxiliary": True})
-
-
 @dataclass
 class RecordedCall:
     """The sites (by their local names) and the plate scale of one :class:`ComponentCall`."""
