@@ -96,13 +96,12 @@ class RecordedCall:
 
 
 class _SiteRecorder(Messenger):
-    """Keep the deterministic sites seen while active: ``values`` and ``scales`` by site
+    """Keep the deterministic sites seen while active: ``values`` by site
     name, and ``calls``, the runs of Phys-VAE models and guides in order."""
 
     def __init__(self) -> None:
         super().__init__()
         self.values: dict[str, Tensor] = {}
-        self.scales: dict[str, Any] = {}
         self._calls: dict[int, RecordedCall] = {}
 
     def __enter__(self):
@@ -119,7 +118,6 @@ class _SiteRecorder(Messenger):
     def _postprocess_message(self, msg: dict) -> None:
         if msg["type"] == "sample" and msg["infer"].get("_deterministic"):
             self.values[msg["name"]] = msg["value"]
-            self.scales[msg["name"]] = msg["scale"]
             tag = msg["infer"].get(_CALL_KEY)
             if tag is not None:
                 call, local = tag
@@ -130,6 +128,14 @@ class _SiteRecorder(Messenger):
     @property
     def calls(self) -> list[RecordedCall]:
         return [self._calls[k] for k in sorted(self._calls)]
+
+    def model_calls(self) -> list[RecordedCall]:
+        """The Phys-VAE model calls seen, in order; ``ValueError`` if there was none."""
+        found = [c for c in self.calls if c.role == "model"]
+        if not found:
+            raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
+                             "its regularizers act on models derived from PhysVAEModel")
+        return found
 
 
 class _ScaleLatents(Messenger):
@@ -426,10 +432,7 @@ class PhysVAELoss(ELBO):
                 out = run_model(*args, **kwargs)
             if not self.regularizers:
                 return out
-            models = [c for c in rec.calls if c.role == "model"]
-            if not models:
-                raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
-                                 "its regularizers act on models derived from PhysVAEModel")
+            models = rec.model_calls()
             guides = list(guide_calls)
             if guides and len(guides) != len(models):
                 raise ValueError(f"the model ran {len(models)} Phys-VAE model(s) but the guide "
@@ -458,11 +461,7 @@ class PhysVAELoss(ELBO):
         if self._found_kl is None:
             with torch.no_grad(), pyro.poutine.block(), _SiteRecorder() as rec:
                 model(*args, **kwargs)
-            found = [c.component for c in rec.calls if c.role == "model"]
-            if not found:
-                raise ValueError("PhysVAELoss found no Phys-VAE model call in the model's trace; "
-                                 "its regularizers act on models derived from PhysVAEModel")
-            self._found_kl = self.kl_weight_for(found[0])
+            self._found_kl = self.kl_weight_for(rec.model_calls()[0].component)
         return self._found_kl
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
