@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyro_physvae.settings import SETTINGS
-from pyro_physvae.systems import get_system, load_plugin, registered_systems
+from pyro_physvae.systems import describe_source, get_system, load_plugin, registered_systems
 
 QUICKSTART_SIZES = {"n_train": 500, "n_valid": 200, "n_test": 200}
 QUICKSTART_EPOCHS = 150
@@ -49,8 +49,7 @@ def cmd_systems(args: argparse.Namespace) -> None:
     """List the systems available now, with where each comes from."""
     for name in registered_systems():
         system = get_system(name)
-        source = system.source
-        where = source.get("path") or source.get("value") or source.get("module") or source["kind"]
+        where = describe_source(system.source)
         model = system.model_cls
         print(f"{name:<16} {model.__module__}.{model.__name__}  ({where})")
 

@@ -375,9 +375,10 @@ def register_system(system: System, *, replace_existing: bool = False) -> System
     if system.source.get("kind") == "builtin":
         system = replace(system, source=_caller_source())
     old = _REGISTRY.get(system.name)
-    if old is not None and not replace_existing and _describe(old.source) != _describe(system.source):
+    same_source = old is not None and describe_source(old.source) == describe_source(system.source)
+    if old is not None and not replace_existing and not same_source:
         raise ValueError(f"a system named {system.name!r} is already registered (from "
-                         f"{_describe(old.source)}); pass replace_existing=True to replace it")
+                         f"{describe_source(old.source)}); pass replace_existing=True to replace it")
     _REGISTRY[system.name] = system
     return system
 
@@ -401,7 +402,8 @@ def _caller_source() -> dict[str, str]:
     return source
 
 
-def _describe(source: Mapping[str, str]) -> str:
+def describe_source(source: Mapping[str, str]) -> str:
+    """Where a system came from, in a few words: its file, reference, module or kind."""
     return source.get("path") or source.get("value") or source.get("module") or source.get("kind", "?")
 
 
@@ -446,7 +448,7 @@ def get_system(name: str, *, source: Mapping[str, str] | None = None) -> System:
         _load_source(source)
         if name in _REGISTRY:
             return _REGISTRY[name]
-        raise ValueError(f"system {name!r} was recorded as coming from {_describe(source)}, "
+        raise ValueError(f"system {name!r} was recorded as coming from {describe_source(source)}, "
                          "which did not register it")
     raise ValueError(f"unknown system {name!r}; choose one of: {', '.join(registered_systems())} "
                      "(load another with --plugin PATH_OR_MODULE, or name it as module:attribute)")
@@ -531,4 +533,4 @@ def _load_source(source: Mapping[str, str]) -> None:
             return
         except ImportError as e:
             raise ValueError(f"cannot import {module!r}, which defined this run's system: {e}") from e
-    raise ValueError(f"the system's source is gone: {_describe(source)}; load it with --plugin")
+    raise ValueError(f"the system's source is gone: {describe_source(source)}; load it with --plugin")
