@@ -1,39 +1,131 @@
-"""Atomic checkpoint files, read back without executing code (``weights_only=True``)."""
+"""Checkpoint files: atomic, verified by a digest, read back without executing code.
+
+A checkpoint is the ``torch.save`` serialisation of a run's state (format 2) behind a
+one-line header that holds the SHA-256 digest of that serialisation::
+
+    PYRO-PHYSVAE-CHECKPOINT 2 <64 hex digits>\\n<payload>
+
+:func:`load_checkpoint` refuses a file whose payload does not match its digest, so a
+damaged checkpoint (a flipped byte, a truncated copy) is found on load instead of giving
+wrong results. Payloads are read with ``weights_only=True``: a checkpoint cannot run code.
+Files of format 1 (before digests: a bare ``torch.save`` zip archive) are still read, with
+a warning that they cannot be verified.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pyro_physvae.files import atomic_write
+from pyro_physvae.files import atomic_write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAGIC = b"PYRO-PHYSVAE-CHECKPOINT"
+_HEADER_LEN = len(MAGIC) + 3 + 64 + 1  # magic, " 2 ", digest, newline
+_ZIP = b"PK\x03\x04"
+
+#: What every run checkpoint holds; :func:`load_checkpoint` refuses one without them.
+RUN_KEYS = ("system", "setting", "model_kwargs", "guide_kwargs", "train_config", "epoch",
+            "model_state", "guide_state")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: readers see the old file or the new one,
-    never a partial write."""
-    return atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged, incomplete or not a pyro-physvae checkpoint."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def encode_checkpoint(state: Mapping[str, Any]) -> bytes:
+    """The bytes of a checkpoint of ``state``: header with digest, then the payload."""
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    return MAGIC + b" %d " % FORMAT_VERSION + digest + b"\n" + payload
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a checkpoint of ``state`` to ``path`` atomically: readers see the old file or
+    the new one, never a partial write."""
+    return write_checkpoint_bytes(encode_checkpoint(state), path)
+
+
+def write_checkpoint_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write the output of :func:`encode_checkpoint` to ``path`` atomically (to write one
+    state under several names without serialising it again)."""
+    return atomic_write_bytes(path, data)
+
+
+def _payload(path: Path, data: bytes) -> bytes:
+    """The verified payload of a checkpoint file's ``data``."""
+    if data.startswith(_ZIP):  # format 1: no digest to check
+        warnings.warn(f"{path} was written before checkpoints carried a digest (format 1); "
+                      "it is read without verification", UserWarning, stacklevel=3)
+        return data
+    if not data.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not a pyro-physvae checkpoint (unknown header)")
+    header, payload = data[:_HEADER_LEN], data[_HEADER_LEN:]
+    try:
+        _, version, digest = header.decode("ascii").split()
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{path} is damaged: its header is unreadable") from None
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path} is a checkpoint of format {version}; this version reads "
+                              f"format {FORMAT_VERSION}")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise CheckpointError(f"{path} is damaged: its contents do not match the digest "
+                              f"stored in it (a changed or truncated file, {len(data)} bytes)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    required: Iterable[str] = RUN_KEYS) -> dict[str, Any]:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`.
+
+    Checks the digest, that the state holds the keys ``required`` (default: those of a
+    training run) and that every floating-point tensor in its model and guide states is
+    finite.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is damaged, not a checkpoint, or of an unknown format.
+        CheckpointError: (a ``ValueError``) the file is damaged, incomplete, holds
+            non-finite weights, or is not a checkpoint of a known format.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: the file is damaged or not a "
-                         f"pyro-physvae checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a pyro-physvae checkpoint of format {FORMAT_VERSION}")
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    payload = _payload(path, data)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not its format
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a "
+                              f"pyro-physvae checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format_version") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{path} is not a pyro-physvae checkpoint of format {FORMAT_VERSION}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(missing)}")
+    for key in ("model_state", "guide_state"):
+        check_finite_state(state.get(key) or {}, f"{path} {key}")
     return state
+
+
+def check_finite_state(state: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`CheckpointError` naming the first tensor of ``state`` (a module's
+    ``state_dict``) that is not a tensor or holds NaN or infinite values."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} is not a state dictionary (got {type(state).__name__})")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{what}[{name!r}] is not a tensor (got {type(value).__name__})")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{what}[{name!r}] holds NaN or infinite values")

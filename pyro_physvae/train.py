@@ -1,4 +1,4 @@
-"""SVI training: minibatches, validation every epoch, best-validation checkpoints, resume.
+"""SVI training: minibatches, validation every epoch, verified checkpoints, honest resume.
 
 A step is Pyro's stochastic variational inference step: the loss object (any Pyro ELBO,
 optionally a :class:`~pyro_physvae.regularizers.PhysVAELoss`) computes the loss and its
@@ -6,13 +6,21 @@ gradients with ``loss_and_grads``; the parameters it touched are then updated wi
 reference optimiser, Adam (lr 1e-3, weight decay 1e-6, eps 1e-3) with gradient values
 clipped at 5. Unlike ``pyro.optim.Adam``, which builds one torch optimiser per parameter,
 one fused torch optimiser updates all parameters at once (several ms a step faster here).
+
+A run directory is written by one trainer at a time (:class:`~pyro_physvae.files.DirectoryLock`)
+and survives a kill at any moment: checkpoints are atomic and carry a digest, ``last.pt``
+is written after every ``checkpoint_every`` epochs (default: every epoch) with the one
+before kept as ``last.prev.pt``, and ``history.jsonl`` gains one line per epoch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -27,7 +35,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pyro_physvae.autoguides import check_guide_kind, make_autoguide, supports_subsampling
-from pyro_physvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_physvae.checkpoint import (
+    RUN_KEYS,
+    CheckpointError,
+    encode_checkpoint,
+    load_checkpoint,
+    write_checkpoint_bytes,
+)
+from pyro_physvae.files import DirectoryLock, atomic_write, remove_temporaries
 from pyro_physvae.ode import IntegrationError
 from pyro_physvae.regularizers import PhysVAELoss, _SiteRecorder
 from pyro_physvae.settings import Setting
@@ -42,7 +57,13 @@ ELBOS: dict[str, Callable[..., ELBO]] = {
 
 
 class TrainingDiverged(RuntimeError):
-    """Training produced a non-finite loss or an ODE blow-up."""
+    """Training produced a non-finite loss or gradient, or an ODE blow-up."""
+
+
+#: Options that may change when a run is resumed; all others are fixed for a run.
+RESUMABLE = ("epochs", "lr", "threads", "device", "checkpoint_every")
+#: The files of a run that :func:`train` writes (``overwrite=True`` replaces them).
+RUN_FILES = ("config.json", "history.jsonl", "last.pt", "last.prev.pt", "best.pt")
 
 
 @dataclass
@@ -77,7 +98,7 @@ class TrainConfig:
     grad_scale: float | None = None
     device: str = "cpu"
     threads: int | None = None
-    checkpoint_every: int = 10
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles", "checkpoint_every"):
@@ -89,15 +110,16 @@ class TrainConfig:
             raise ValueError(f"renyi_alpha must be >= 0 and not 1, got {self.renyi_alpha}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        for name in ("lr", "adam_eps", "clip_value"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.grad_scale is not None and not self.grad_scale > 0:
-            raise ValueError(f"grad_scale must be positive, got {self.grad_scale}")
-        for name in ("alpha", "beta", "gamma", "weight_decay"):
+        for name in ("lr", "adam_eps", "clip_value", "grad_scale"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        for name in ("alpha", "beta", "gamma", "weight_decay", "renyi_alpha"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.threads is not None:
             check_positive_int(self.threads, "threads")
 
@@ -105,6 +127,10 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def make_loss(setting: Setting, system: System, config: TrainConfig,
@@ -220,12 +246,18 @@ class SVITrainer:
         self._ensure_optimizer(params)
 
     def step(self, *args, **kwargs) -> float:
+        """One SVI step. A step whose loss or gradient is not finite is not applied: the
+        parameters keep their values and :class:`TrainingDiverged` is raised."""
         with _divergence_as_error():
             value, params = self._params(*args, **kwargs)
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value}")
-        self._ensure_optimizer(params)
         grads = [p.grad for p in params if p.grad is not None]
+        if not math.isfinite(value) or not _all_finite(grads):
+            for p in params:
+                p.grad = None
+            what = f"the loss became {value}" if not math.isfinite(value) else \
+                f"the gradient became non-finite (loss {value:.6g})"
+            raise TrainingDiverged(f"{what}; the step was not applied")
+        self._ensure_optimizer(params)
         if self.grad_scale != 1.0 and grads:
             torch._foreach_mul_(grads, self.grad_scale)
         torch.nn.utils.clip_grad_value_(params, self.config.clip_value)
@@ -239,6 +271,14 @@ class SVITrainer:
         with _divergence_as_error(), _SiteRecorder() as rec:
             value = self.loss.loss(self.model, self.guide, *args, **kwargs)
         return value, rec.values.get("x_mean")
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one device synchronisation)."""
+    if not tensors:
+        return True
+    # The largest |value| of each tensor cannot overflow, unlike a 2-norm.
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
 
 
 def make_trainer(system: System, setting: Setting, model: torch.nn.Module, guide: Callable,
@@ -271,54 +311,257 @@ def train(
     model_kwargs: dict | None = None,
     guide_kwargs: dict | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train a model/guide pair on ``data_dir/{train,valid}.nc`` and write ``run_dir``.
 
-    ``run_dir`` receives ``config.json``, ``last.pt`` (every ``checkpoint_every`` epochs and
-    at the end), ``best.pt`` (best validation loss so far) and ``history.json``.
+    ``run_dir`` receives ``config.json``, ``history.jsonl`` (one JSON record per epoch,
+    appended as training goes), ``last.pt`` (after the first epoch, every
+    ``checkpoint_every`` epochs and at the end; the one before is kept as ``last.prev.pt``)
+    and ``best.pt`` (best validation loss so far). Data, options and the model's view of the
+    data are checked before anything is written; only one trainer at a time may use
+    ``run_dir``.
+
+    Args:
+        config: optimisation settings; default: the system's reference ones (or, with
+            ``resume``, the run's own).
+        model_kwargs, guide_kwargs: constructor arguments beyond those read off the data.
+        resume: continue the run in ``run_dir`` from its newest intact checkpoint
+            (``last.pt``, else ``last.prev.pt``, else ``best.pt``). Of the options, only
+            those in :data:`RESUMABLE` (epochs, lr, threads, device, checkpoint_every) may
+            differ from the run's; the changes are applied and recorded in ``config.json``.
+        overwrite: start afresh in a ``run_dir`` that already holds a run, replacing its
+            files; without it such a directory is refused.
 
     Returns:
         One record per epoch: ``epoch``, ``loss`` (mean training loss per sequence), the
-        regularizer terms, ``val_loss``, ``val_mse`` and wall times ``time_train`` and
-        ``time_epoch`` (seconds).
+        regularizer terms, ``val_loss``, ``val_mse``, ``lr`` and wall times ``time_train``
+        and ``time_epoch`` (seconds).
 
     Raises:
-        TrainingDiverged: the loss or the ODE solution became non-finite; the checkpoints
-            already written are left as they were.
+        ValueError: bad data or options, a resume that would change a fixed option, or a
+            ``run_dir`` that is a file or already holds a run.
+        DirectoryInUse: another trainer is using ``run_dir``.
+        TrainingDiverged: the loss, a gradient or the ODE solution became non-finite; the
+            checkpoints already written are left as they were.
     """
     system = get_system(system) if isinstance(system, str) else system
     setting = Setting.parse(setting)
-    config = config or TrainConfig(**system.train_defaults)
-    if setting.regularized:
-        # Record the weights themselves, not "the system's default", which may change later.
-        config = with_reg_weights(config, system)
     run_dir = Path(run_dir)
-    device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file, expected a directory")
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
+    if not resume and not overwrite and _holds_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(_held_files(run_dir))}); "
+                         "resume it (--resume), replace it (--overwrite) or choose another directory")
 
     train_ds = system.load_split(data_dir, "train")
     valid_ds = system.load_split(data_dir, "valid")
-    model_kwargs = {**system.model_kwargs_from_data(train_ds), **(model_kwargs or {})}
-    guide_kwargs = dict(guide_kwargs or {})
+    data_kwargs = system.model_kwargs_from_data(train_ds)
+    lock = DirectoryLock(run_dir)
+    if run_dir.is_dir():  # from now on the only writer of an existing run directory
+        lock.acquire()
+    try:
+        state, resumed_from = None, None
+        if resume:
+            state, resumed_from = latest_checkpoint(run_dir)
+            config, model_kwargs, guide_kwargs = _resumed_options(
+                state, system, setting, config, data_kwargs, model_kwargs, guide_kwargs)
+        else:
+            config = config or TrainConfig(**system.train_defaults)
+            if setting.regularized:
+                # Record the weights themselves, not "the system's default", which may change.
+                config = with_reg_weights(config, system)
+            model_kwargs = {**data_kwargs, **(model_kwargs or {})}
+            guide_kwargs = dict(guide_kwargs or {})
+        return _train(system, setting, train_ds, valid_ds, data_dir, run_dir, config,
+                      model_kwargs, guide_kwargs, state, resumed_from, lock, progress)
+    finally:
+        lock.release()
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return bool(_held_files(run_dir))
+
+
+def _held_files(run_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def latest_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu"
+                      ) -> tuple[dict[str, Any], Path]:
+    """The newest intact checkpoint of ``run_dir`` to resume from, and its path.
+
+    Reads ``last.pt``, ``last.prev.pt`` and ``best.pt`` and keeps the one with the most
+    epochs among those that pass :func:`~pyro_physvae.checkpoint.load_checkpoint`'s
+    checks; a damaged one is reported in a warning and skipped.
+
+    Raises:
+        FileNotFoundError: the run has no checkpoint yet.
+        CheckpointError: every checkpoint of the run is damaged.
+    """
+    run_dir = Path(run_dir)
+    required = (*RUN_KEYS, "optimizer_state", "history", "best_val", "rng_state")
+    good: list[tuple[dict[str, Any], Path]] = []
+    damaged: list[str] = []
+    for name in ("last.pt", "last.prev.pt", "best.pt"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            good.append((load_checkpoint(path, map_location=device, required=required), path))
+        except (CheckpointError, OSError) as e:
+            damaged.append(str(e))
+    if not good:
+        if damaged:
+            raise CheckpointError(f"cannot resume {run_dir}: no intact checkpoint ({'; '.join(damaged)})")
+        raise FileNotFoundError(f"cannot resume: {run_dir} has no checkpoint (last.pt, "
+                                "last.prev.pt or best.pt); the run stopped before its first epoch ended")
+    state, path = max(good, key=lambda item: item[0]["epoch"])
+    if damaged:
+        warnings.warn(f"{'; '.join(damaged)}. Resuming from {path.name} (epoch {state['epoch']}).",
+                      UserWarning, stacklevel=2)
+    return state, path
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, as JSON would give it back (to compare options)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _resumed_options(state: dict[str, Any], system: System, setting: Setting,
+                     config: TrainConfig | None, data_kwargs: dict, model_kwargs: dict | None,
+                     guide_kwargs: dict | None) -> tuple[TrainConfig, dict, dict]:
+    """The options of a resumed run: the run's own, with the :data:`RESUMABLE` ones of
+    ``config`` applied. Any other difference, in ``config``, in the constructor arguments
+    given or in what the data say (``n_steps``, ``dt``, ...), is refused by name."""
+    if state["system"] != system.name or state["setting"] != setting.value:
+        raise ValueError(f"the run is {state['system']} {state['setting']}, not "
+                         f"{system.name} {setting.value}; resume it with its own system and setting")
+    stored = TrainConfig.from_dict(state["train_config"])
+    if config is None:
+        config = stored
+    elif setting.regularized:
+        config = with_reg_weights(config, system)
+    differ = [f.name for f in fields(TrainConfig)
+              if f.name not in RESUMABLE and getattr(config, f.name) != getattr(stored, f.name)]
+    differ = [f"{name} (run: {getattr(stored, name)!r}, asked: {getattr(config, name)!r})" for name in differ]
+    for what, given, kept in (("model option", {**data_kwargs, **(model_kwargs or {})},
+                               state["model_kwargs"]),
+                              ("guide option", guide_kwargs or {}, state["guide_kwargs"])):
+        for key, value in given.items():
+            if _plain(kept.get(key)) != _plain(value):
+                differ.append(f"{what} {key} (run: {kept.get(key)!r}, asked: {value!r})")
+    if differ:
+        raise ValueError(f"cannot resume with a different {'; '.join(differ)}. Only "
+                         f"{', '.join(RESUMABLE)} may change on resume; start a new run "
+                         "directory to change the others")
+    return config, dict(state["model_kwargs"]), dict(state["guide_kwargs"])
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, float]]:
+    """The per-epoch records of a run, read from its ``history.jsonl`` (a line cut short by
+    a kill while it was being written is left out)."""
+    path = Path(run_dir) / "history.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training history in {run_dir} (history.jsonl)")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class _RunWriter:
+    """Writes a run directory's files: ``config.json``, the history and the checkpoints."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._history = None
+
+    def start(self, meta: dict[str, Any], history: list[dict[str, float]], fresh: bool) -> None:
+        """Clean up, record the options and begin the history with the ``history`` so far."""
+        remove_temporaries(self.run_dir)
+        if fresh:  # overwrite: the old run's files go
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.write_json("config.json", meta)
+        lines = "".join(json.dumps(r) + "\n" for r in history)
+        atomic_write(self.run_dir / "history.jsonl", lambda tmp: Path(tmp).write_text(lines))
+        self._history = open(self.run_dir / "history.jsonl", "a")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        text = json.dumps(obj, indent=2)
+        atomic_write(self.run_dir / name, lambda tmp: Path(tmp).write_text(text))
+
+    def append(self, record: dict[str, float]) -> None:
+        self._history.write(json.dumps(record) + "\n")
+        self._history.flush()
+        os.fsync(self._history.fileno())
+
+    def checkpoint(self, state: dict[str, Any], last: bool, best: bool) -> None:
+        """Write ``state`` as ``best.pt`` and/or ``last.pt`` (keeping the previous
+        ``last.pt`` as ``last.prev.pt``); serialised once."""
+        if not (last or best):
+            return
+        data = encode_checkpoint(state)
+        if best:
+            write_checkpoint_bytes(data, self.run_dir / "best.pt")
+        if last:
+            self._keep_previous()
+            write_checkpoint_bytes(data, self.run_dir / "last.pt")
+
+    def _keep_previous(self) -> None:
+        last, prev = self.run_dir / "last.pt", self.run_dir / "last.prev.pt"
+        if not last.exists():
+            return
+        tmp = self.run_dir / ".last.prev.pt.link.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(last, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copy2(last, tmp)
+        os.replace(tmp, prev)
+
+    def close(self) -> None:
+        if self._history is not None:
+            self._history.close()
+            self._history = None
+
+
+def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str | Path,
+           run_dir: Path, config: TrainConfig, model_kwargs: dict, guide_kwargs: dict,
+           state: dict[str, Any] | None, resumed_from: Path | None, lock: DirectoryLock,
+           progress: bool) -> list[dict[str, float]]:
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     x_train = system.observations(train_ds, device)
     x_valid = system.observations(valid_ds, device)
     n = x_train.shape[0]
-
-    state = None
-    if resume:
-        state = load_checkpoint(run_dir / "last.pt", map_location=device)
-        if state["setting"] != setting.value or state["system"] != system.name:
-            raise ValueError(f"{run_dir}/last.pt is a {state['system']} {state['setting']} run, "
-                             f"not {system.name} {setting.value}")
-        model_kwargs, guide_kwargs = state["model_kwargs"], state["guide_kwargs"]
+    if state is not None and state.get("n_train", n) != n:
+        raise ValueError(f"the training split in {data_dir} has {n} sequences; the run was "
+                         f"trained on {state['n_train']}: resume it on its own data")
 
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     model, guide = build_pair(system, setting, config.guide, model_kwargs, guide_kwargs)
     model.to(device)
     guide.to(device)
+    # Data that do not fit the model fail here, not after an epoch.
+    for split, x in (("train", x_train), ("valid", x_valid)):
+        try:
+            model.check_observations(x)
+        except ValueError as e:
+            raise ValueError(f"the {split} split of {data_dir} does not fit the model: {e}") from None
     batch_size = config.batch_size if supports_subsampling(guide) else n
     # An AutoGuide has latents for the training sequences only: it is validated on them.
     x_check = x_valid if config.guide == "amortized" else x_train
@@ -331,20 +574,33 @@ def train(
 
     history: list[dict[str, float]] = []
     best_val, start = math.inf, 0
+    resumes: list[dict[str, Any]] = []
     if state is not None:
         model.load_state_dict(state["model_state"])
         guide.load_state_dict(state["guide_state"])
         trainer.optimizer.load_state_dict(state["optimizer_state"])
-        history, best_val, start = state["history"], state["best_val"], state["epoch"]
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = config.lr
+        history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
         torch.set_rng_state(state["rng_state"])
+        before = TrainConfig.from_dict(state["train_config"])
+        changed = {k: [getattr(before, k), getattr(config, k)] for k in RESUMABLE
+                   if getattr(before, k) != getattr(config, k)}
+        resumes = [*state.get("resumes", []),
+                   {"epoch": start, "from": resumed_from.name, "changed": changed}]
+        if config.epochs < start:
+            raise ValueError(f"the run has already trained {start} epochs, more than the "
+                             f"{config.epochs} asked for; ask for more epochs to continue it")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not lock.held:
+        lock.acquire()
     meta = {"system": system.name, "system_source": dict(system.source), "setting": setting.value,
             "model_kwargs": model_kwargs,
             "guide_kwargs": guide_kwargs, "train_config": asdict(config),
             "data_dir": str(Path(data_dir).resolve()), "n_train": n,
-            "torch_threads": torch.get_num_threads()}
-    (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
+            "torch_threads": torch.get_num_threads(), "resumes": resumes}
+    writer = _RunWriter(run_dir)
+    writer.start(meta, history, fresh=state is None)
 
     def snapshot(epoch: int) -> dict[str, Any]:
         return {**meta, "epoch": epoch, "best_val": best_val, "history": history,
@@ -354,53 +610,69 @@ def train(
 
     bar = tqdm(range(start, config.epochs), desc=f"{system.name} {setting.value}",
                disable=not progress, initial=start, total=config.epochs, dynamic_ncols=True)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        guide.train()
-        # Guides that pack all sequences' latents into one vector need them in a fixed order.
-        perm = torch.randperm(n, device=device) if batch_size < n else torch.arange(n, device=device)
-        # A system's augmentation (e.g. flipped and rotated images) gives each epoch a fresh,
-        # seeded copy of the training data; AutoGuides' per-sequence latents need the originals.
-        x_epoch = x_train
-        if system.augment is not None and config.guide == "amortized":
-            x_epoch = system.augment(x_train, torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
-        total, terms = 0.0, {}
-        try:
-            for i in range(0, n, batch_size):
-                batch = perm[i:i + batch_size]
-                # Each step's loss estimates the full-data loss; weight it by batch share.
-                share = batch.shape[0] / n
-                total += share * trainer.step(x_epoch, subsample=batch)
-                for k, v in getattr(loss, "last_terms", {}).items():
-                    terms[k] = terms.get(k, 0.0) + share * v
-            t_train = time.perf_counter() - t0
-            model.eval()
-            guide.eval()
-            val_loss, x_mean = trainer.evaluate(x_check)
-        except (IntegrationError, TrainingDiverged) as e:
-            kept = run_dir / "best.pt"
-            raise TrainingDiverged(
-                f"training stopped at epoch {epoch + 1}: {e}. Checkpoints already written "
-                f"are kept unchanged ({kept if kept.exists() else 'none yet'})."
-            ) from e
-        if not math.isfinite(val_loss):
-            raise TrainingDiverged(f"validation loss became {val_loss} at epoch {epoch + 1}; "
-                                   "checkpoints already written are kept unchanged")
-        record = {"epoch": epoch + 1, "loss": total / n, **terms,
-                  "val_loss": val_loss / x_check.shape[0],
-                  "val_mse": float((x_mean - x_check).pow(2).mean()) if x_mean is not None
-                  else math.nan,
-                  "time_train": t_train, "time_epoch": time.perf_counter() - t0}
-        history.append(record)
-        if record["val_loss"] < best_val:
-            best_val = record["val_loss"]
-            save_checkpoint(snapshot(epoch + 1), run_dir / "best.pt")
-        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
-            save_checkpoint(snapshot(epoch + 1), run_dir / "last.pt")
-        bar.set_postfix({"loss": f"{record['loss']:.4g}",
-                         **{k: f"{v:.3g}" for k, v in terms.items()},
-                         "val_loss": f"{record['val_loss']:.4g}",
-                         "val_mse": f"{record['val_mse']:.2e}"}, refresh=False)
-    (run_dir / "history.json").write_text(json.dumps(history))
+    try:
+        for epoch in bar:
+            record = _epoch(system, config, trainer, loss, model, guide, x_train, x_check,
+                            n, batch_size, epoch, run_dir, device)
+            history.append(record)
+            writer.append(record)
+            best = record["val_loss"] < best_val
+            if best:
+                best_val = record["val_loss"]
+            done = epoch + 1
+            last = done == 1 or done % config.checkpoint_every == 0 or done == config.epochs
+            writer.checkpoint(snapshot(done), last=last, best=best)
+            bar.set_postfix({"loss": f"{record['loss']:.4g}",
+                             **{k: f"{v:.3g}" for k, v in record.items() if k not in _RECORD_KEYS},
+                             "val_loss": f"{record['val_loss']:.4g}",
+                             "val_mse": f"{record['val_mse']:.2e}"}, refresh=False)
+    finally:
+        writer.close()
+        bar.close()
     return history
+
+
+#: The entries of every epoch record; the others are regularizer terms.
+_RECORD_KEYS = ("epoch", "loss", "val_loss", "val_mse", "lr", "time_train", "time_epoch")
+
+
+def _epoch(system: System, config: TrainConfig, trainer: SVITrainer, loss: ELBO,
+           model: torch.nn.Module, guide: Callable, x_train: Tensor, x_check: Tensor, n: int,
+           batch_size: int, epoch: int, run_dir: Path, device: torch.device) -> dict[str, float]:
+    """One pass over the training data in minibatches, then the validation loss."""
+    t0 = time.perf_counter()
+    model.train()
+    guide.train()
+    # Guides that pack all sequences' latents into one vector need them in a fixed order.
+    perm = torch.randperm(n, device=device) if batch_size < n else torch.arange(n, device=device)
+    # A system's augmentation (e.g. flipped and rotated images) gives each epoch a fresh,
+    # seeded copy of the training data; AutoGuides' per-sequence latents need the originals.
+    x_epoch = x_train
+    if system.augment is not None and config.guide == "amortized":
+        x_epoch = system.augment(x_train, torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    total, terms = 0.0, {}
+    try:
+        for i in range(0, n, batch_size):
+            batch = perm[i:i + batch_size]
+            # Each step's loss estimates the full-data loss; weight it by batch share.
+            share = batch.shape[0] / n
+            total += share * trainer.step(x_epoch, subsample=batch)
+            for k, v in getattr(loss, "last_terms", {}).items():
+                terms[k] = terms.get(k, 0.0) + share * v
+        t_train = time.perf_counter() - t0
+        model.eval()
+        guide.eval()
+        val_loss, x_mean = trainer.evaluate(x_check)
+    except (IntegrationError, TrainingDiverged) as e:
+        kept = run_dir / "best.pt"
+        raise TrainingDiverged(
+            f"training stopped at epoch {epoch + 1}: {e}. Checkpoints already written "
+            f"are kept unchanged ({kept if kept.exists() else 'none yet'})."
+        ) from e
+    if not math.isfinite(val_loss):
+        raise TrainingDiverged(f"validation loss became {val_loss} at epoch {epoch + 1}; "
+                               "checkpoints already written are kept unchanged")
+    return {"epoch": epoch + 1, "loss": total / n, **terms,
+            "val_loss": val_loss / x_check.shape[0],
+            "val_mse": float((x_mean - x_check).pow(2).mean()) if x_mean is not None else math.nan,
+            "lr": config.lr, "time_train": t_train, "time_epoch": time.perf_counter() - t0}

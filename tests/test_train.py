@@ -23,10 +23,17 @@ from pyro_physvae.regularizers import (
 )
 from pyro_physvae.settings import SETTINGS, Setting
 from pyro_physvae.systems import get_system
-from pyro_physvae.train import TrainConfig, TrainingDiverged, make_loss, resolve_device, train
+from pyro_physvae.train import (
+    TrainConfig,
+    TrainingDiverged,
+    make_loss,
+    read_history,
+    resolve_device,
+    train,
+)
 
 RUN = {"batch_size": 16, "checkpoint_every": 10, "threads": 1, "seed": 0}
-FILES = {"best.pt", "last.pt", "config.json", "history.json"}
+FILES = {"best.pt", "last.pt", "last.prev.pt", "config.json", "history.jsonl"}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,7 @@ def test_run_directory_contents(reference_run, tiny_data_dir):
     run_dir, history = reference_run
     assert FILES <= {p.name for p in run_dir.iterdir()}
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
-    assert json.loads((run_dir / "history.json").read_text()) == history
+    assert read_history(run_dir) == history
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["system"] == "pendulum" and config["setting"] == "phys+nn+reg"
@@ -110,7 +117,7 @@ def test_resume_continues_the_run(reference_run, tiny_data_dir, tmp_path):
     assert [r["epoch"] for r in more] == list(range(1, 37))
     assert more[:30] == history
     assert load_checkpoint(resumed_dir / "last.pt")["epoch"] == 36
-    assert json.loads((resumed_dir / "history.json").read_text()) == more
+    assert read_history(resumed_dir) == more
 
     # Resuming is the same as never stopping: same data order, optimiser state and draws.
     straight = train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "straight",
@@ -122,12 +129,16 @@ def test_resume_continues_the_run(reference_run, tiny_data_dir, tmp_path):
 
 def test_resume_errors(reference_run, tiny_data_dir, tmp_path):
     run_dir, _ = reference_run
-    with pytest.raises(FileNotFoundError, match="last.pt"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "empty", TrainConfig(epochs=2, **RUN),
+              resume=True, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "empty", TrainConfig(epochs=2, **RUN),
               resume=True, progress=False)
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
-    with pytest.raises(ValueError, match="phys\\+nn\\+reg run, not pendulum phys-only"):
+    with pytest.raises(ValueError, match="run is pendulum phys\\+nn\\+reg, not pendulum phys-only"):
         train("pendulum", "phys-only", tiny_data_dir, other, TrainConfig(epochs=40, **RUN),
               resume=True, progress=False)
 
@@ -201,9 +212,13 @@ def test_every_setting_trains(setting, elbo, particles, tiny_data_dir, tmp_path)
         ({"epochs": True}, "epochs"),
         ({"elbo": "iwae"}, "unknown ELBO 'iwae'; choose one of: trace, meanfield, renyi"),
         ({"device": "tpu"}, "device must be 'cpu' or 'cuda'"),
-        ({"lr": 0.0}, "lr must be positive"),
+        ({"lr": 0.0}, "lr must be a finite positive number"),
+        ({"lr": float("inf")}, "lr must be a finite positive number, got inf"),
+        ({"grad_scale": float("nan")}, "grad_scale"),
+        ({"seed": 1.5}, "seed must be an integer"),
         ({"clip_value": -1.0}, "clip_value"),
-        ({"alpha": -0.1}, "alpha must be >= 0"),
+        ({"alpha": -0.1}, "alpha must be a finite number >= 0"),
+        ({"alpha": float("inf")}, "alpha must be a finite number >= 0, got inf"),
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"threads": 0}, "threads"),
     ],
