@@ -40,7 +40,7 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     run_dir = workdir / name / "run"
     train(system, "phys+nn+reg", data, run_dir, TrainConfig(epochs=args.epochs, batch_size=16),
           model_kwargs=system.test_sizes.get("model", {}), guide_kwargs=system.test_sizes.get("guide", {}),
-          progress=False)
+          overwrite=True, progress=False)
     run = load_run(run_dir, "last.pt")
     x = system.observations(run.load("test"))[:1]
     t0 = time.perf_counter()

@@ -14,11 +14,10 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from pyro_physvae.checkpoint import load_checkpoint
 from pyro_physvae.data.io import save_dataset
 from pyro_physvae.settings import SETTINGS
 from pyro_physvae.systems import get_system
-from pyro_physvae.train import TrainConfig, train
+from pyro_physvae.train import TrainConfig, latest_checkpoint, train
 
 
 def ensure_data(data_dir: Path, seed: int, system: str = "pendulum") -> None:
@@ -29,8 +28,15 @@ def ensure_data(data_dir: Path, seed: int, system: str = "pendulum") -> None:
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
-    last = run_dir / "last.pt"
-    return last.is_file() and load_checkpoint(last)["epoch"] >= epochs
+    try:
+        return latest_checkpoint(run_dir)[0]["epoch"] >= epochs
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def started(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint to resume from (intact or not: train() decides)."""
+    return any((run_dir / name).is_file() for name in ("last.pt", "last.prev.pt", "best.pt"))
 
 
 def train_one(system: str, setting: str, data_dir: str, out: str, config: dict,
@@ -39,7 +45,7 @@ def train_one(system: str, setting: str, data_dir: str, out: str, config: dict,
     cfg = TrainConfig(**config)
     if not finished(run_dir, cfg.epochs):
         train(system, setting, data_dir, run_dir, cfg, model_kwargs=model_kwargs,
-              resume=(run_dir / "last.pt").is_file(), progress=False)
+              resume=started(run_dir), overwrite=True, progress=False)
     return setting
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         run = out / setting
         config = TrainConfig(epochs=args.epochs, batch_size=min(200, args.n), seed=args.seed,
                              threads=1, checkpoint_every=max(1, args.epochs))
-        train(system, setting, out / "data", run, config, progress=False)
+        train(system, setting, out / "data", run, config, overwrite=True, progress=False)
         metrics = evaluate(run, split="test", num_samples=20)
         ext = extrapolate(run, split="test", n_steps=args.steps, n_sequences=args.sequences,
                           horizons=horizons)

@@ -48,7 +48,7 @@ def train_small(out: Path, args: argparse.Namespace) -> Path:
         save_dataset(ds, out / "data" / f"{split}.nc")
     config = TrainConfig(epochs=args.epochs, batch_size=min(200, args.n), seed=args.seed, threads=1,
                          checkpoint_every=max(1, args.epochs))
-    train("galaxy", "phys+nn+reg", out / "data", out / "run", config, progress=False,
+    train("galaxy", "phys+nn+reg", out / "data", out / "run", config, overwrite=True, progress=False,
           model_kwargs=SMALL_MODEL if args.small else None, guide_kwargs=SMALL_GUIDE if args.small else None)
     return out / "run"
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = out / "phys+nn+reg"
     config = TrainConfig(epochs=args.epochs, batch_size=100, seed=args.seed, threads=1,
                          checkpoint_every=max(1, args.epochs))
-    train(system, "phys+nn+reg", data, run, config, progress=False)
+    train(system, "phys+nn+reg", data, run, config, overwrite=True, progress=False)
     m = evaluate(run, data, split="valid", num_samples=50, out_dir=out / "eval-valid")
     energy, corr = m["energy"], m["latent_correlations"]
     print(f"reconstruction MSE {m['recon_mse']:.3g}; the physics-only part explains "

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch, seed=args.seed,
                          threads=args.threads)
     train("pendulum", "phys+nn+reg", data_dir, run_dir, config, model_kwargs=model_kwargs,
-          guide_kwargs=guide_kwargs, progress=True)
+          guide_kwargs=guide_kwargs, overwrite=True, progress=True)
 
     print(f"[3/3] NUTS on test sequences {list(args.sequences)}: {args.chains} chains x "
           f"({args.warmup} warm-up + {args.samples}) draws, networks fixed")

@@ -53,6 +53,7 @@ class AdvDifGuide(PhysVAEGuide):
         activation: str = "elu",
     ) -> None:
         super().__init__(name="advdif_guide")
+        self.event_shape = model.observation_shape()
         self.setting = model.setting
         self.field_shape = (model.n_grid, model.n_steps)
         size = model.n_grid * model.n_steps

@@ -61,6 +61,7 @@ class GalaxyGuide(PhysVAEGuide):
         activation: str = "elu",
     ) -> None:
         super().__init__(name="galaxy_guide")
+        self.event_shape = model.observation_shape()
         self.setting = s = model.setting
         size = model.image_size
         self.image_size = size

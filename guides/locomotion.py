@@ -42,6 +42,7 @@ class LocomotionGuide(PhysVAEGuide):
         activation: str = "elu",
     ) -> None:
         super().__init__(name="locomotion_guide")
+        self.event_shape = model.observation_shape()
         self.setting = model.setting
         self.feature_net = MLP(model.n_joints * model.n_steps, hidden_feat, feat_dim, activation,
                                final_activation=True)

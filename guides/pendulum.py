@@ -46,6 +46,7 @@ class PendulumGuide(PhysVAEGuide):
         activation: str = "elu",
     ) -> None:
         super().__init__(name="pendulum_guide")
+        self.event_shape = model.observation_shape()
         self.setting = model.setting
         self.n_steps = model.n_steps
         self.dim_z_aux1, self.dim_z_aux2 = model.dim_z_aux1, model.dim_z_aux2

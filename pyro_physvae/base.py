@@ -32,6 +32,57 @@ from pyro_physvae.settings import Setting
 from pyro_physvae.validation import check_positive_int, check_sequences
 
 
+def check_input_tensor(x: object, dtype: torch.dtype, name: str = "x") -> None:
+    """Refuse observations that are not a floating-point tensor of ``dtype`` (the module's
+    parameter dtype), naming the conversion that fixes it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}; "
+                        f"convert it with torch.as_tensor({name}, dtype={dtype})")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but the parameters are {dtype}; "
+                        f"convert it with {name}.to({dtype})")
+
+
+class _InputCheck:
+    """Checks a module's input once per tensor: a tensor seen before, unchanged (same
+    storage, shape and version counter), is not checked again at every minibatch step."""
+
+    def __init__(self) -> None:
+        self._seen: tuple | None = None
+
+    def needed(self, x: object) -> bool:
+        if not isinstance(x, Tensor):
+            return True
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+        return key != self._seen
+
+    def passed(self, x: Tensor) -> None:
+        self._seen = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
+
+def _input_check(module: torch.nn.Module) -> _InputCheck:
+    return module.__dict__.setdefault("_physvae_input_check", _InputCheck())
+
+
+def check_observation_values(x: Tensor, event_dim: int, shape: tuple[int, ...] | None,
+                             name: str = "x", *, n_steps: int | None = None) -> None:
+    """Refuse observations ``x (N, *event)`` of the wrong rank (``1 + event_dim``), with no
+    rows, of another length than ``n_steps`` on the last (time) axis or another shape than
+    ``shape`` per observation (each if given), or with NaN or infinite values."""
+    check_sequences(x, name, rank=1 + event_dim, n_steps=n_steps)
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        want = ", ".join(map(str, shape))
+        raise ValueError(f"{name} must have shape (N, {want}), got {tuple(x.shape)}")
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter or buffer (default dtype if none)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
 def standard_normal(dim: int, like: Tensor) -> dist.Distribution:
     """``Normal(0, I)`` over a vector of size ``dim`` (the prior of an auxiliary latent)."""
     zero = torch.zeros(dim, dtype=like.dtype, device=like.device)
@@ -191,8 +242,10 @@ class PhysVAEModel(PyroModule):
                          uniform=True if t is None else None)  # self.t is evenly spaced
 
     def observation_shape(self) -> tuple[int, ...] | None:
-        """Expected shape of one observation (``None``: only the time axis is checked)."""
-        return None
+        """Expected shape of one observation: ``(n_steps,)`` for a series; systems with
+        more event dimensions override this (``None``: not checked beyond the rank)."""
+        n_steps = getattr(self, "n_steps", None)
+        return (n_steps,) if self.x_event_dim == 1 and n_steps is not None else None
 
     def initial_condition(self, x: Tensor) -> Tensor | None:
         """The initial state read off the observations: their first time step (``None``
@@ -200,11 +253,10 @@ class PhysVAEModel(PyroModule):
         return None if self.init_event_dim is None else x[..., 0]
 
     def check_observations(self, x: Tensor) -> None:
-        check_sequences(x, "x", n_steps=getattr(self, "n_steps", None), rank=1 + self.x_event_dim)
-        shape = self.observation_shape()
-        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
-            raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}), "
-                             f"got {tuple(x.shape)}")
+        """Refuse observations of the wrong rank or shape, with no rows, or with NaN or
+        infinite values (systems may add checks, e.g. a value range)."""
+        check_observation_values(x, self.x_event_dim, self.observation_shape(),
+                                 n_steps=getattr(self, "n_steps", None))
 
     def forward(
         self,
@@ -231,8 +283,10 @@ class PhysVAEModel(PyroModule):
         Returns:
             The decoder mean ``x_mean``, shape ``(..., B, *event)``.
         """
-        if x is not None:
+        if x is not None and _input_check(self).needed(x):
+            check_input_tensor(x, module_dtype(self))
             self.check_observations(x)
+            _input_check(self).passed(x)
         init = self._checked_init(x, init)
         n = self._plate_size(x, init, size)
         like = next(t for t in (x, init, self._dtype_probe()) if t is not None)
@@ -305,6 +359,9 @@ class PhysVAEGuide(PyroModule):
     """
 
     x_event_dim: int = 1
+    #: Shape of one observation, set from ``model.observation_shape()`` in ``__init__``;
+    #: inputs of another shape are refused (``None``: only the rank is checked).
+    event_shape: tuple[int, ...] | None = None
     setting: Setting
     aux_encoders: dict[str, str]
     state_encoders: Mapping[str, str] = {}
@@ -321,6 +378,12 @@ class PhysVAEGuide(PyroModule):
     def physics_posterior(self, signal: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """``q(z_P | signal)``: ``{name: (loc, scale)}``, each ``(...)`` for ``(..., *event)``."""
         raise NotImplementedError
+
+    def check_observations(self, x: Tensor) -> None:
+        """Refuse what the model refuses: not a tensor of the guide's dtype, the wrong rank
+        or shape, no rows, NaN or infinite values."""
+        check_input_tensor(x, module_dtype(self))
+        check_observation_values(x, self.x_event_dim, self.event_shape)
 
     def features(self, x: Tensor) -> Tensor:
         """What the latent encoders read: ``x (B, *event)`` itself by default; a guide with
@@ -340,6 +403,9 @@ class PhysVAEGuide(PyroModule):
         """
         if x is None:
             raise ValueError("the amortized guide needs the observations x")
+        if _input_check(self).needed(x):
+            self.check_observations(x)
+            _input_check(self).passed(x)
         s = self.setting
         out: dict[str, Tensor] = {}
         call = ComponentCall(self, "guide")

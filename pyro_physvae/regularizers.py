@@ -33,6 +33,7 @@ factor lives only inside :class:`PhysVAELoss`: models and guides used on their o
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -304,6 +305,18 @@ def wrapped_error(error: Tensor, period: float | None) -> Tensor:
     return torch.remainder(error + 0.5 * period, period) - 0.5 * period
 
 
+class NonFiniteStep(FloatingPointError):
+    """A loss or gradient that is not finite; the step that produced it must not be applied."""
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one device synchronisation)."""
+    if not tensors:
+        return True
+    # The largest |value| of each tensor cannot overflow, unlike a 2-norm.
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
+
+
 class PhysVAELoss(ELBO):
     """An ELBO plus weighted regularizers, usable wherever Pyro's ``SVI`` takes a loss.
 
@@ -469,8 +482,22 @@ class PhysVAELoss(ELBO):
         return self.elbo.loss(m, g, *args, **kwargs)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The loss and its gradients, as the wrapped ELBO gives them. A non-finite loss or
+        gradient raises :class:`NonFiniteStep` with the gradients cleared, so that an
+        optimiser (``SVI.step`` included) leaves every parameter as it was."""
         m, g = self._wrap(model, guide, args, kwargs)
-        return self.elbo.loss_and_grads(m, g, *args, **kwargs)
+        with pyro.poutine.trace(param_only=True) as tr:
+            value = self.elbo.loss_and_grads(m, g, *args, **kwargs)
+        params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not math.isfinite(value) or not all_finite(grads):
+            for p in params:
+                p.grad = None
+            what = f"the loss is {value}" if not math.isfinite(value) else \
+                f"a gradient is not finite (loss {value:.6g})"
+            raise NonFiniteStep(f"{what}; the step is refused and the parameters keep their "
+                                "values (check the data's scale and the learning rate)")
+        return value
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
         m, g = self._wrap(model, guide, args, kwargs)

@@ -44,7 +44,7 @@ from pyro_physvae.checkpoint import (
 )
 from pyro_physvae.files import DirectoryLock, atomic_write, remove_temporaries
 from pyro_physvae.ode import IntegrationError
-from pyro_physvae.regularizers import PhysVAELoss, _SiteRecorder
+from pyro_physvae.regularizers import NonFiniteStep, PhysVAELoss, _SiteRecorder, all_finite
 from pyro_physvae.settings import Setting
 from pyro_physvae.systems import System, get_system
 from pyro_physvae.validation import check_positive_int
@@ -195,9 +195,12 @@ def resolve_device(name: str) -> torch.device:
 @contextmanager
 def _divergence_as_error():
     """Turn Pyro's rejection of NaN distribution parameters ("found invalid values"), which
-    is how overflowing networks show up, into :class:`TrainingDiverged`."""
+    is how overflowing networks show up, and a refused non-finite step into
+    :class:`TrainingDiverged`."""
     try:
         yield
+    except NonFiniteStep as e:
+        raise TrainingDiverged(str(e)) from e
     except ValueError as e:
         if "found invalid values" in str(e):
             raise TrainingDiverged(f"a distribution parameter became NaN ({str(e).splitlines()[0]})") from e
@@ -251,7 +254,7 @@ class SVITrainer:
         with _divergence_as_error():
             value, params = self._params(*args, **kwargs)
         grads = [p.grad for p in params if p.grad is not None]
-        if not math.isfinite(value) or not _all_finite(grads):
+        if not math.isfinite(value) or not all_finite(grads):
             for p in params:
                 p.grad = None
             what = f"the loss became {value}" if not math.isfinite(value) else \
@@ -271,14 +274,6 @@ class SVITrainer:
         with _divergence_as_error(), _SiteRecorder() as rec:
             value = self.loss.loss(self.model, self.guide, *args, **kwargs)
         return value, rec.values.get("x_mean")
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one device synchronisation)."""
-    if not tensors:
-        return True
-    # The largest |value| of each tensor cannot overflow, unlike a 2-norm.
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
 
 
 def make_trainer(system: System, setting: Setting, model: torch.nn.Module, guide: Callable,

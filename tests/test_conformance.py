@@ -33,6 +33,7 @@ from pyro.infer import Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_physvae import PhysVAELoss
 from pyro_physvae.autoguides import AUTOGUIDES, make_autoguide
+from pyro_physvae.checkpoint import CheckpointError, load_checkpoint
 from pyro_physvae.cli import main
 from pyro_physvae.data.io import SPLITS, save_dataset
 from pyro_physvae.evaluate import load_run
@@ -254,7 +255,7 @@ def test_checkpoint_round_trip(system, splits, data_dir, tmp_path):
     assert config["system"] == system.name and config["system_source"] == dict(system.source)
     run = load_run(tmp_path / "run", "last.pt")
     assert run.system.name == system.name
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
     for module, key in ((run.model, "model_state"), (run.guide, "guide_state")):
         for name, value in module.state_dict().items():
             torch.testing.assert_close(value, state[key][name], msg=name)
@@ -265,6 +266,13 @@ def test_checkpoint_round_trip(system, splits, data_dir, tmp_path):
     pyro.set_rng_seed(3)
     b = Predictive(again.model, guide=again.guide, num_samples=2, return_sites=["x_mean"])(x)["x_mean"]
     torch.testing.assert_close(a, b)
+
+    # One flipped bit anywhere in the file is found, and the error names the file.
+    data = bytearray((tmp_path / "run" / "last.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tmp_path / "run" / "last.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"last\.pt is damaged"):
+        load_run(tmp_path / "run", "last.pt")
 
 
 # -- the command line -------------------------------------------------------------------------
