@@ -12,7 +12,6 @@ Data sets hold ``x`` with dims ``(sequence, space, time)`` and the true ``amplit
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,16 @@ import xarray as xr
 from torchdiffeq import odeint
 
 from pyro_physvae.data.io import check_data_config, generate_splits, uniform_draws
+from pyro_physvae.data.pendulum import (
+    check_count,
+    check_float32_range,
+    check_split,
+    positive_number,
+    read_args_json,
+    read_npy_array,
+    read_text_table,
+    select_columns,
+)
 from pyro_physvae.pde import central_difference_matrix, second_difference_matrix
 from pyro_physvae.validation import check_positive_int, check_sequences
 
@@ -133,59 +142,80 @@ def make_dataset(x: np.ndarray, dx: float, dt: float, params: dict[str, np.ndarr
                                                 "dt": float(dt), **(attrs or {})})
 
 
+#: The reference generator's column names of ``true_params_<split>.txt``, in its order,
+#: mapped to the data-set variable names (which a header may use as well).
+REFERENCE_COLUMNS = dict(zip(TEXT_HEADER, PARAMS, strict=True))
+
+
 def load_reference_npy(directory: str | os.PathLike, split: str, *, dx: float | None = None,
-                       dt: float | None = None) -> xr.Dataset:
-    """Read the reference generator's files for ``split``: ``data_<split>.npy`` (``(N,
-    n_grid, T)``), ``args_<split>.json`` (grid ``dx`` and ``dt``; ``dx``/``dt`` given here
-    take precedence) and, if present, ``true_params_<split>.txt`` (columns ``init_mag
-    dcoeff ccoeff``)."""
+                       dt: float | None = None, require_params: bool | None = None) -> xr.Dataset:
+    """Read the reference generator's advection-diffusion files for ``split``.
+
+    The generator (n-takeishi/phys-vae, data/advdif/generate.py) writes
+    ``data_<split>.npy`` (``np.save`` of a float64 array ``(N, n_grids, len_episode)``),
+    ``args_<split>.json`` (its options: ``dx``, ``dt``, ``n_grids``, ``len_episode``, ...) and
+    ``true_params_<split>.txt`` (``np.savetxt`` with ``header="init_mag dcoeff ccoeff"``,
+    i.e. a first line ``# init_mag dcoeff ccoeff``; without a header the columns are taken in
+    that order; our variable names are accepted in the header too, further columns ignored).
+
+    Args:
+        directory: the folder holding the files.
+        split: ``train``, ``valid`` or ``test``.
+        dx, dt: grid spacing and time step [s]; given here they take precedence over
+            ``args_<split>.json``, which is then needed only for what is not given.
+        require_params: whether ``true_params_<split>.txt`` must be there; default: where
+            ``args_<split>.json`` is (the generator writes both).
+
+    Raises:
+        FileNotFoundError: ``data_<split>.npy``, or a companion file that is needed, is missing.
+        ValueError: naming the file and the problem, for any malformed file.
+    """
     directory = Path(directory)
+    check_split(split, directory)
     data_file = directory / f"data_{split}.npy"
     if not data_file.is_file():
-        raise FileNotFoundError(f"data file not found: {data_file}")
-    try:
-        x = np.load(data_file, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{data_file}: not a numeric .npy array ({e})") from e
-    if x.ndim != 3:
+        raise FileNotFoundError(f"data file not found: {data_file} (the reference generator's "
+                                f"data_<split>.npy, fields (N, n_grid, T))")
+    x = read_npy_array(data_file, "fields (N, n_grid, T)")
+    if x.ndim != 3 or min(x.shape) < 1:
         raise ValueError(f"{data_file}: expected an array (N, n_grid, T), got shape {x.shape}")
-    grid_args = _read_grid_args(directory / f"args_{split}.json")
-    dx = dx if dx is not None else grid_args.get("dx")
-    dt = dt if dt is not None else grid_args.get("dt")
-    if dx is None or dt is None:
-        raise ValueError(f"{directory}: no args_{split}.json with 'dx' and 'dt'; pass dx= and dt=")
-    params = None
+    if x.shape[1] < 3:
+        raise ValueError(f"{data_file}: expected an array (N, n_grid, T) with n_grid >= 3, got "
+                         f"shape {x.shape}")
+    check_sequences(x, str(data_file), rank=3)
+    check_float32_range(x, data_file)
+    args_file = directory / f"args_{split}.json"
+    args = read_args_json(args_file) if args_file.is_file() else {}
+    grid: dict[str, float] = {}
+    for name, given in (("dx", dx), ("dt", dt)):
+        if name in args:  # checked even where a given value takes precedence
+            grid[name] = positive_number(args[name], name, args_file)
+        if given is not None:
+            grid[name] = positive_number(given, name, "load_reference_npy")
+        elif name not in grid and not args_file.is_file():
+            raise FileNotFoundError(f"{args_file} not found: it holds the grid spacing 'dx' and the "
+                                    f"time step 'dt' of the data; pass dx= and dt= (--dx, --dt)")
+        elif name not in grid:
+            raise ValueError(f"{args_file} has no {name!r}: expected the reference generator's "
+                             f"options with the grid spacing 'dx' and time step 'dt' (or pass "
+                             f"dx= and dt=)")
+    check_count(args, "n_grids", x.shape[1], args_file, f"{data_file.name} has grids of")
+    check_count(args, "len_episode", x.shape[2], args_file, f"{data_file.name} has sequences of")
+    params, attrs = None, {"source": str(directory)}
     param_file = directory / f"true_params_{split}.txt"
     if param_file.is_file():
-        params = _read_true_params(param_file, x.shape[0])
-    return make_dataset(x, float(dx), float(dt), params, split=split,
-                        attrs={"source": str(directory)})
-
-
-def _read_grid_args(path: Path) -> dict[str, float]:
-    if not path.is_file():
-        return {}
-    try:
-        args = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return {k: float(args[k]) for k in ("dx", "dt") if k in args}
-
-
-def _read_true_params(path: Path, n: int) -> dict[str, np.ndarray]:
-    with open(path) as f:
-        header = f.readline().lstrip("#").split()
-    if tuple(header) != TEXT_HEADER:
-        raise ValueError(f"{path}: header must be {' '.join(TEXT_HEADER)!r}, got {' '.join(header)!r}")
-    try:
-        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a whitespace-separated table of numbers ({e})") from e
-    if table.shape != (n, len(TEXT_HEADER)):
-        raise ValueError(f"{path}: expected {n} rows of {len(TEXT_HEADER)} values (one per "
-                         f"sequence), got shape {table.shape}")
-    check_sequences(table, str(path))
-    return dict(zip(PARAMS, table.T, strict=True))
+        table, names = read_text_table(param_file, "the true parameters, one row per sequence "
+                                       f"(columns {' '.join(TEXT_HEADER)})",
+                                       column_names=(*TEXT_HEADER, *PARAMS))
+        params, ignored = select_columns(table, names, param_file, REFERENCE_COLUMNS, x.shape[0],
+                                         f"sequence of {data_file.name}")
+        if ignored:
+            attrs["ignored_columns"] = " ".join(ignored)
+    elif require_params or (require_params is None and args_file.is_file()):
+        raise FileNotFoundError(
+            f"true parameter file not found: {param_file} (the reference generator writes it "
+            f"with {args_file.name}; pass require_params=False to read the data without it)")
+    return make_dataset(x, grid["dx"], grid["dt"], params, split=split, attrs=attrs)
 
 
 def true_fields(ds: xr.Dataset, n_steps: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ import xarray as xr
 from torch import Tensor
 
 from pyro_physvae.data.io import generate_splits
+from pyro_physvae.data.pendulum import read_npy_array
 from pyro_physvae.validation import check_positive_int
 
 SYSTEM = "galaxy"
@@ -289,29 +290,74 @@ def make_dataset(x: np.ndarray, params: dict[str, np.ndarray] | None = None, *, 
 
 
 # -- Galaxy10 ---------------------------------------------------------------------------------
+#: The reference's file of the chosen images (n-takeishi/phys-vae, data/galaxy/makedata.py):
+#: ``np.save`` of the class-6 images of Galaxy10.h5 as float32 ``(N, 3, 69, 69)`` in [0, 1].
+REFERENCE_NPY = "data_all.npy"
+#: Names of the Galaxy10 HDF5 file looked for in a directory.
+GALAXY10_NAMES = ("Galaxy10.h5", "Galaxy10_DECals.h5", "Galaxy10_DECaLS.h5")
+
+
+class UnknownSplitError(KeyError, ValueError):
+    """A split name that a :class:`Splits` mapping does not hold (a ``KeyError`` for mapping
+    code, a ``ValueError`` for callers that report bad input)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Splits(dict):
+    """The ``train``, ``valid`` and ``test`` data sets of a file; looking up another name
+    raises :class:`UnknownSplitError` with a message naming the file."""
+
+    def __init__(self, splits: dict[str, xr.Dataset], source: Path) -> None:
+        super().__init__(splits)
+        self.source = source
+
+    def __missing__(self, key: object) -> xr.Dataset:
+        raise UnknownSplitError(f"unknown split {key!r} for {self.source}: choose one of "
+                                f"{', '.join(self)}")
+
+
 def load_galaxy10(path: str | os.PathLike, *, class_label: int = GALAXY10_EDGE_ON_CLASS,
                   n_train: int = 400, n_valid: int = 100, n_test: int | None = None, seed: int = 0,
                   image_size: int | None = None) -> dict[str, xr.Dataset]:
-    """Read the public Galaxy10 HDF5 file, keep one class and split it reproducibly.
+    """Read the public Galaxy10 HDF5 file (or the reference's ``data_all.npy``), keep one
+    class and split it reproducibly.
 
-    The file holds ``images`` ``(N, S, S, 3)`` (``uint8`` 0-255, or floats in ``[0, 1]`` or
-    ``[0, 255]``) and the labels ``ans`` ``(N,)``. The images of ``class_label`` (default 6,
-    "disk, edge-on, no bulge", the paper's choice) are scaled to ``[0, 1]``, put band-first and
-    shuffled by a permutation seeded with ``seed``; the first ``n_train`` form the training
+    The HDF5 file holds ``images`` ``(N, S, S, 3)`` (``uint8`` 0-255, or floats in ``[0, 1]``
+    or ``[0, 255]``) and the labels ``ans`` ``(N,)``. The images of ``class_label`` (default
+    6, "disk, edge-on, no bulge", the paper's choice) are scaled to ``[0, 1]``, put band-first
+    and shuffled by a permutation seeded with ``seed``; the first ``n_train`` form the training
     split, the next ``n_valid`` the validation split and the next ``n_test`` (default: all
     the rest) the test split. ``image_size`` resamples the images (area averaging when
     shrinking, bilinear when enlarging; e.g. 69 for Galaxy10 DECaLS' 256-pixel images).
 
-    Each split keeps ``source_index``, the images' rows in the file.
+    ``path`` may also be the reference's :data:`REFERENCE_NPY` (its makedata.py's class-6
+    images, ``(N, 3, S, S)`` in ``[0, 1]``; ``class_label`` must then be 6), or a directory
+    holding ``Galaxy10.h5`` (or a DECaLS name) or ``data_all.npy``.
+
+    Each split keeps ``source_index``, the images' rows in the file. The result is a
+    :class:`Splits` mapping: an unknown split name is a ``ValueError`` (and ``KeyError``).
+
+    Raises:
+        FileNotFoundError: no such file (or none of the known names in the directory).
+        ValueError: naming the file and the problem: not HDF5 (or ``.npy``), missing keys,
+            images of the wrong rank, shape, type or range, labels not integers, or too few
+            images of the class for the requested splits.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Galaxy10 file not found: {path}")
-    images, labels = _read_galaxy10(path)
-    chosen = np.flatnonzero(labels == class_label)
-    if chosen.size == 0:
-        raise ValueError(f"{path}: no images of class {class_label}; classes present: "
-                         f"{sorted(np.unique(labels).tolist())}")
+    path = _galaxy10_file(Path(path))
+    if path.suffix == ".npy":
+        if class_label != GALAXY10_EDGE_ON_CLASS:
+            raise ValueError(f"{path} holds the reference's class-{GALAXY10_EDGE_ON_CLASS} images "
+                             f"only; class {class_label} needs the Galaxy10 HDF5 file")
+        band_first = _read_reference_npy(path)
+        chosen = np.arange(band_first.shape[0])
+    else:
+        images, labels = _read_galaxy10(path)
+        chosen = np.flatnonzero(labels == class_label)
+        if chosen.size == 0:
+            raise ValueError(f"{path}: no images of class {class_label}; classes present: "
+                             f"{sorted(np.unique(labels).tolist())}")
     for name, value in (("n_train", n_train), ("n_valid", n_valid)):
         check_positive_int(value, name)
     n_test = chosen.size - n_train - n_valid if n_test is None else check_positive_int(n_test, "n_test")
@@ -324,36 +370,80 @@ def load_galaxy10(path: str | os.PathLike, *, class_label: int = GALAXY10_EDGE_O
     out = {}
     for split, (a, b) in bounds.items():
         idx = np.sort(perm[a:b])
-        x = _scaled(images[idx], path)
+        x = band_first[idx] if path.suffix == ".npy" else _scaled(images[idx], path)
         if image_size is not None:
             x = resize_images(torch.as_tensor(x), check_positive_int(image_size, "image_size")).numpy()
         out[split] = make_dataset(x, split=split, extra={"source_index": idx},
                                   attrs={"source": str(path), "class_label": int(class_label),
                                          "seed": int(seed)})
-    return out
+    return Splits(out, path)
+
+
+def _galaxy10_file(path: Path) -> Path:
+    """``path`` itself, or the Galaxy10 file (or ``data_all.npy``) in the directory ``path``."""
+    if path.is_dir():
+        for name in (*GALAXY10_NAMES, REFERENCE_NPY):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"Galaxy10 file not found in {path}: expected one of "
+                                f"{', '.join((*GALAXY10_NAMES, REFERENCE_NPY))}")
+    if not path.is_file():
+        raise FileNotFoundError(f"Galaxy10 file not found: {path}")
+    return path
+
+
+def _read_reference_npy(path: Path) -> np.ndarray:
+    """The reference's ``data_all.npy``: float32 images ``(N, 3, S, S)`` in ``[0, 1]``."""
+    x = read_npy_array(path, "images (N, 3, S, S) in [0, 1] (the reference's makedata.py)")
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or min(x.shape) < 1:
+        raise ValueError(f"{path}: images must have shape (N, 3, S, S) (band first, as the "
+                         f"reference's makedata.py writes them), got {x.shape}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: the images contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"{path}: pixel values must lie in [0, 1] (the reference's scaling), got "
+                         f"[{lo:g}, {hi:g}]")
+    return x
 
 
 def _read_galaxy10(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``images (N, S, S, 3)`` and integer ``labels (N,)`` from a Galaxy10 HDF5 file."""
     import h5py
 
+    arrays = {}
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("images", "ans") if k not in f]
             if missing:
-                raise ValueError(f"{path}: not a Galaxy10 file, it lacks the keys {missing} "
-                                 f"(keys: {sorted(f.keys())})")
-            images, labels = np.asarray(f["images"]), np.asarray(f["ans"])
-    except OSError as e:
-        raise ValueError(f"cannot read {path} as HDF5 ({e})") from e
+                raise _BadGalaxy10(f"not a Galaxy10 file, it lacks the keys {missing} "
+                                   f"(keys: {sorted(f.keys())})")
+            for key in ("images", "ans"):
+                if not isinstance(f[key], h5py.Dataset):
+                    raise _BadGalaxy10(f"{key!r} is a group, not an array")
+                arrays[key] = np.asarray(f[key])
+    except _BadGalaxy10 as e:
+        raise ValueError(f"{path}: {e}") from None
+    except Exception as e:  # h5py raises OSError, KeyError, RuntimeError, ... for a damaged file
+        raise ValueError(f"cannot read {path} as HDF5: expected a Galaxy10 file with 'images' "
+                         f"(N, S, S, 3) and 'ans' (N,) ({type(e).__name__}: {e})") from e
+    images, labels = arrays["images"], arrays["ans"]
     if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"{path}: 'images' must have shape (N, S, S, 3), got {images.shape}")
+    if images.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: 'images' must hold numbers, got dtype {images.dtype}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"{path}: 'ans' must have shape ({images.shape[0]},) to match 'images', "
                          f"got {labels.shape}")
-    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+    if (labels.dtype.kind not in "biuf" or not np.all(np.isfinite(labels))
+            or not np.all(labels == np.round(labels))):
         raise ValueError(f"{path}: 'ans' must hold integer class labels")
     return images, labels.astype(np.int64)
+
+
+class _BadGalaxy10(Exception):
+    """An HDF5 file that is readable but not laid out as Galaxy10."""
 
 
 def _scaled(images: np.ndarray, path: Path) -> np.ndarray:

@@ -8,8 +8,13 @@ data are never copied into the package:
 * ``<split>.npy``, float array ``(N, 3, 101)``, with optional ``props_<split>.txt`` (one row
   per sample, no header: foot (0 right, 1 left), speed [m/s], stride length [m], step width
   [m], cadence [steps/min]);
-* the original MATLAB file ``data_<split>.mat`` with a ``data`` array ``(N, 3, 101)`` (v5 or
-  v7.3), with the same optional properties file.
+* the reference's MATLAB layout (n-takeishi/phys-vae, data/locomotion/makedata.m):
+  ``data_<split>.mat`` with a ``data`` array ``(N, 3, 101)`` (v5 or v7.3) and
+  ``prop_<split>.txt``, written by ``writetable(..., 'Delimiter', ' ')``: a header line
+  ``foot speed stride_length step_width cadence`` without ``#``, then one row per sample
+  (an Octave port writes the same rows with ``dlmwrite``, without the header).
+
+Either properties file name and either form (header or none) goes with either layout.
 
 Data sets hold ``x`` with dims ``(sequence, joint, time)`` and the properties as variables
 over ``sequence``. The time axis is the reference's model time, ``dt = 0.02`` per sample
@@ -31,6 +36,14 @@ import torch
 import xarray as xr
 
 from pyro_physvae.data.io import check_data_config, generate_splits, uniform_draws
+from pyro_physvae.data.pendulum import (
+    check_float32_range,
+    check_split,
+    read_bytes_head,
+    read_npy_array,
+    read_text_table,
+    select_columns,
+)
 from pyro_physvae.validation import check_sequences
 
 SYSTEM = "locomotion"
@@ -68,16 +81,36 @@ def make_dataset(x: np.ndarray, props: np.ndarray | None = None, *, dt: float = 
 
 # -- the real data's layouts --------------------------------------------------------------
 
-def read_split(directory: str | os.PathLike, split: str) -> xr.Dataset:
+#: Column names of the reference's ``prop_<split>.txt`` (makedata.m's ``writetable``), in its
+#: order, mapped to the data-set variable names (which a header may use as well).
+REFERENCE_COLUMNS = {"foot": "foot", "speed": "speed", "stride_length": "stride",
+                     "step_width": "step_width", "cadence": "cadence"}
+
+
+def read_split(directory: str | os.PathLike, split: str, *, require_props: bool = False
+               ) -> xr.Dataset:
     """Read ``split`` from ``directory`` in the ``.npy`` or the MATLAB layout (see the
-    module docs), with its properties when ``props_<split>.txt`` is there.
+    module docs), with its properties from ``props_<split>.txt`` or, as the reference's
+    makedata.m names it, ``prop_<split>.txt``.
+
+    The properties file has one row per sample, columns separated by spaces or tabs, and either
+    no header (columns :data:`PROPERTIES`, in order) or a header line naming the columns, as
+    MATLAB's ``writetable`` writes it (``foot speed stride_length step_width cadence``) or
+    after ``#``.
+
+    Args:
+        directory: the folder holding the files.
+        split: ``train``, ``valid`` or ``test``.
+        require_props: whether a properties file must be there (else it is read if present).
 
     Raises:
-        FileNotFoundError: neither ``<split>.npy`` nor ``data_<split>.mat`` exists.
-        ValueError: the array has the wrong shape, holds NaN/inf or cannot be read, or the
-            properties file does not match it.
+        FileNotFoundError: neither ``<split>.npy`` nor ``data_<split>.mat`` exists, or no
+            properties file where ``require_props``.
+        ValueError: naming the file and the problem: the array has the wrong shape, holds
+            NaN/inf or cannot be read, or the properties file is malformed or does not match it.
     """
     directory = Path(directory)
+    check_split(split, directory)
     npy, mat = directory / f"{split}.npy", directory / f"data_{split}.mat"
     if npy.is_file():
         x = _read_npy(npy)
@@ -89,53 +122,86 @@ def read_split(directory: str | os.PathLike, split: str) -> xr.Dataset:
         raise FileNotFoundError(
             f"no locomotion data for split {split!r} in {directory}: expected {npy.name} or "
             f"{mat.name} (and optionally props_{split}.txt)")
-    if x.ndim != 3 or x.shape[1] != N_JOINTS:
+    if x.ndim != 3 or x.shape[1] != N_JOINTS or min(x.shape) < 1:
         raise ValueError(f"{source}: gait angles must have shape (N, {N_JOINTS}, T), got {x.shape}")
-    check_sequences(x, f"gait angles in {source}", rank=3)
-    props_path = directory / f"props_{split}.txt"
-    props = _read_props(props_path, x.shape[0]) if props_path.is_file() else None
+    check_sequences(x, source, rank=3)
+    candidates = [directory / f"props_{split}.txt", directory / f"prop_{split}.txt"]
+    present = [p for p in candidates if p.exists()]
+    if len(present) > 1:
+        raise ValueError(f"both {present[0]} and {present[1]} exist: keep one properties file "
+                         f"for split {split!r}")
+    if present:
+        props = _read_props(present[0], x.shape[0], Path(source).name)
+    elif require_props:
+        raise FileNotFoundError(f"no properties file for split {split!r}: expected "
+                                f"{candidates[0]} or {candidates[1].name} (one row per sample: "
+                                f"{' '.join(REFERENCE_COLUMNS)})")
+    else:
+        props = None
     return make_dataset(x, props, source=source)
 
 
 def _read_npy(path: Path) -> np.ndarray:
-    try:
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"cannot read {path} as a .npy array ({e})") from e
+    x = read_npy_array(path, f"gait angles (N, {N_JOINTS}, T) [rad]")
+    return check_float32_range(x, path).astype(np.float32)
 
 
 def _read_mat(path: Path) -> np.ndarray:
-    """The ``data`` array of a MATLAB file: v7.3 files are HDF5 (arrays stored transposed),
-    older ones are read by scipy."""
+    """The ``data`` array ``(N, 3, T)`` of a MATLAB file: v7.3 files are HDF5 (arrays stored
+    transposed), older ones are read by scipy. Every problem is a ValueError naming ``path``."""
     import h5py
     from scipy.io import loadmat
 
-    if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path} has no 'data' array (keys: {list(f.keys())})")
-            return np.asarray(f["data"], dtype=np.float32).transpose()
+    expected = f"a MATLAB file with the gait angles in a numeric array 'data' (N, {N_JOINTS}, T)"
+    if read_bytes_head(path, expected) == b"":
+        raise ValueError(f"cannot read {path}: the file is empty (0 bytes); expected {expected}")
     try:
-        content = loadmat(path)
-    except (ValueError, OSError, TypeError, NotImplementedError) as e:
-        raise ValueError(f"cannot read {path} as a MATLAB file ({e})") from e
-    if "data" not in content:
-        keys = [k for k in content if not k.startswith("__")]
-        raise ValueError(f"{path} has no 'data' array (variables: {keys})")
-    return np.asarray(content["data"], dtype=np.float32)
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as f:
+                if "data" not in f:
+                    raise _NoData(f"has no 'data' array (variables: {sorted(f.keys())})")
+                node = f["data"]
+                if not isinstance(node, h5py.Dataset):
+                    raise _NoData("has a group 'data', not an array")
+                data = np.asarray(node)
+                if data.dtype.kind in "biuf":
+                    data = data.transpose()
+        else:
+            content = loadmat(path)
+            if "data" not in content:
+                keys = [k for k in content if not k.startswith("__")]
+                raise _NoData(f"has no 'data' array (variables: {keys})")
+            data = content["data"]
+    except _NoData as e:
+        raise ValueError(f"{path} {e.args[0]}: expected {expected}") from None
+    except Exception as e:  # scipy and h5py raise many types for a damaged file
+        raise ValueError(f"cannot read {path}: expected {expected} ({type(e).__name__}: "
+                         f"{e})") from e
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "biuf":
+        kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' holds {kind} values, not real numbers: expected {expected}")
+    return check_float32_range(data, path).astype(np.float32)
 
 
-def _read_props(path: Path, n: int) -> np.ndarray:
-    try:
-        props = np.loadtxt(path, ndmin=2)
-    except ValueError as e:
-        raise ValueError(f"cannot read {path} as a table of numbers ({e})") from e
-    if props.shape != (n, len(PROPERTIES)):
-        raise ValueError(f"{path} must have {n} rows (one per sample) of {len(PROPERTIES)} "
-                         f"columns ({' '.join(PROPERTIES)}), got shape {props.shape}")
-    if not np.isfinite(props).all():
-        raise ValueError(f"{path} contains NaN or infinite values")
-    return props
+class _NoData(Exception):
+    """A MATLAB file without a ``data`` array (carries what the file has instead)."""
+
+
+def _read_props(path: Path, n: int, data_name: str) -> np.ndarray:
+    """The properties ``(n, 5)`` (columns :data:`PROPERTIES`) from a text file."""
+    table, names = read_text_table(
+        path, f"one row of {len(PROPERTIES)} properties per sample ({' '.join(REFERENCE_COLUMNS)})",
+        column_names=(*REFERENCE_COLUMNS, *PROPERTIES))
+    if table.shape[0] != n:
+        raise ValueError(f"{path} must have {n} rows (one per sample of {data_name}), got "
+                         f"{table.shape[0]}")
+    columns, _ = select_columns(table, names, path, REFERENCE_COLUMNS, n, f"sample of {data_name}")
+    foot = columns["foot"]
+    if not np.isin(foot, (0.0, 1.0)).all():
+        bad = int(np.flatnonzero(~np.isin(foot, (0.0, 1.0)))[0])
+        raise ValueError(f"{path}: the foot column must hold 0 (right) or 1 (left), row {bad + 1} "
+                         f"holds {foot[bad]:g}")
+    return np.stack([columns[name] for name in PROPERTIES], axis=1)
 
 
 # -- a synthetic stand-in -----------------------------------------------------------------
