@@ -15,6 +15,7 @@ before kept as ``last.prev.pt``, and ``history.jsonl`` gains one line per epoch.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -447,17 +448,30 @@ def _resumed_options(state: dict[str, Any], system: System, setting: Setting,
     differ = [f.name for f in fields(TrainConfig)
               if f.name not in RESUMABLE and getattr(config, f.name) != getattr(stored, f.name)]
     differ = [f"{name} (run: {getattr(stored, name)!r}, asked: {getattr(config, name)!r})" for name in differ]
-    for what, given, kept in (("model option", {**data_kwargs, **(model_kwargs or {})},
-                               state["model_kwargs"]),
-                              ("guide option", guide_kwargs or {}, state["guide_kwargs"])):
+    guide_cls = system.guide_cls if stored.guide == "amortized" else None
+    for what, given, kept, cls in (
+            ("model option", {**data_kwargs, **(model_kwargs or {})}, state["model_kwargs"],
+             system.model_cls),
+            ("guide option", guide_kwargs or {}, state["guide_kwargs"], guide_cls)):
         for key, value in given.items():
-            if _plain(kept.get(key)) != _plain(value):
-                differ.append(f"{what} {key} (run: {kept.get(key)!r}, asked: {value!r})")
+            used = kept[key] if key in kept else _default_argument(cls, key)
+            if _plain(used) != _plain(value):
+                differ.append(f"{what} {key} (run: {used!r}, asked: {value!r})")
     if differ:
         raise ValueError(f"cannot resume with a different {'; '.join(differ)}. Only "
                          f"{', '.join(RESUMABLE)} may change on resume; start a new run "
                          "directory to change the others")
     return config, dict(state["model_kwargs"]), dict(state["guide_kwargs"])
+
+
+def _default_argument(cls: type | None, name: str) -> Any:
+    """The default of constructor argument ``name`` of ``cls`` (``None`` if it has none)."""
+    if cls is None:
+        return None
+    parameter = inspect.signature(cls.__init__).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, float]]:
