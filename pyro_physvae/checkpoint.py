@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pyro_physvae.files import atomic_write_bytes
@@ -41,12 +42,46 @@ class CheckpointError(ValueError):
 
 
 def encode_checkpoint(state: Mapping[str, Any]) -> bytes:
-    """The bytes of a checkpoint of ``state``: header with digest, then the payload."""
+    """The bytes of a checkpoint of ``state``: header with digest, then the payload.
+
+    A ``history`` of per-epoch records with the same numeric fields is stored as one table
+    (a tensor), which serialises in a fraction of the time of thousands of dictionaries;
+    :func:`load_checkpoint` gives it back as records."""
+    state = dict(state)
+    if "history" in state:
+        state["history"] = _history_table(state["history"])
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
     return MAGIC + b" %d " % FORMAT_VERSION + digest + b"\n" + payload
+
+
+def _history_table(history: Any) -> Any:
+    """``[{field: number}, ...]`` as ``{"fields", "integer_fields", "values" (N, F)}``; any
+    other history is kept as it is."""
+    if not isinstance(history, list) or not history or not all(isinstance(r, dict) for r in history):
+        return history
+    names = list(history[0])
+    if any(r.keys() != history[0].keys() for r in history):
+        return history
+    try:
+        flat = np.fromiter((r[k] for r in history for k in names), dtype=np.float64,
+                           count=len(history) * len(names))
+    except (TypeError, ValueError):
+        return history
+    integers = [k for k, v in history[0].items() if isinstance(v, int) and not isinstance(v, bool)]
+    return {"fields": names, "integer_fields": integers,
+            "values": torch.from_numpy(flat.reshape(len(history), len(names)))}
+
+
+def _history_records(history: Any) -> Any:
+    """The inverse of :func:`_history_table`."""
+    if not (isinstance(history, dict) and set(history) == {"fields", "integer_fields", "values"}):
+        return history
+    names, integers = history["fields"], set(history["integer_fields"])
+    return [{k: int(v) if k in integers else v for k, v in zip(names, row, strict=True)}
+            for row in history["values"].tolist()]
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -108,15 +143,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not its format
         raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a "
-                              f"pyro-physvae checkpoint ({type(e).__name__}: {e})") from e
+                              f"pyro-physvae checkpoint ({_reason(e)})") from e
     if not isinstance(state, dict) or state.get("format_version") not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{path} is not a pyro-physvae checkpoint of format {FORMAT_VERSION}")
+    if "history" in state:
+        state["history"] = _history_records(state["history"])
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(missing)}")
     for key in ("model_state", "guide_state"):
         check_finite_state(state.get(key) or {}, f"{path} {key}")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """One line from torch's (often long, multi-line) loading error."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # torch refused to build an object that is not a tensor or a plain type
+        detail = text.split(marker, 1)[1].strip().split(". ")[0]
+        return f"it holds objects other than weights, which are never built: {detail}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def check_finite_state(state: Mapping[str, Any], what: str) -> None:

@@ -8,8 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_physvae.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from pyro_physvae.checkpoint import FORMAT_VERSION, encode_checkpoint, load_checkpoint, save_checkpoint
 from pyro_physvae.files import atomic_write
+
+
+def test_history_is_stored_as_a_table_and_given_back_as_records(tmp_path):
+    history = [{"epoch": i, "loss": 1.0 / i, "val_mse": float("nan") if i == 2 else 0.5} for i in range(1, 4)]
+    path = save_checkpoint({"history": history}, tmp_path / "c.pt")
+    back = load_checkpoint(path, required=())["history"]
+    assert [r["epoch"] for r in back] == [1, 2, 3] and all(type(r["epoch"]) is int for r in back)
+    assert back[0] == history[0] and back[2] == history[2] and back[1]["loss"] == 0.5
+    ragged = [{"epoch": 1}, {"epoch": 2, "loss": 1.0}]  # kept as it is
+    path = save_checkpoint({"history": ragged}, tmp_path / "r.pt")
+    assert load_checkpoint(path, required=())["history"] == ragged
 
 
 def test_round_trip(tmp_path):
@@ -18,7 +29,7 @@ def test_round_trip(tmp_path):
              "rng_state": torch.get_rng_state()}
     path = save_checkpoint(state, tmp_path / "deep" / "dir" / "run.pt")
     assert path.is_file()
-    back = load_checkpoint(path)
+    back = load_checkpoint(path, required=())
     assert back["format_version"] == FORMAT_VERSION
     assert back["epoch"] == 7 and back["history"] == [{"loss": 1.5}] and back["name"] == "x"
     assert torch.equal(back["rng_state"], state["rng_state"])
@@ -32,7 +43,7 @@ def test_overwrite_replaces_content(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"epoch": 1}, path)
     save_checkpoint({"epoch": 2}, path)
-    assert load_checkpoint(path)["epoch"] == 2
+    assert load_checkpoint(path, required=())["epoch"] == 2
 
 
 def test_missing_file(tmp_path):
@@ -45,11 +56,11 @@ def test_corrupt_file(tmp_path):
     save_checkpoint({"epoch": 1}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(ValueError, match="cannot read checkpoint .*bad.pt"):
-        load_checkpoint(path)
+    with pytest.raises(ValueError, match="bad.pt is damaged: its contents do not match the digest"):
+        load_checkpoint(path, required=())
     path.write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(ValueError, match="damaged"):
-        load_checkpoint(path)
+    with pytest.raises(ValueError, match="not a pyro-physvae checkpoint"):
+        load_checkpoint(path, required=())
 
 
 @pytest.mark.parametrize("content", [{"epoch": 1}, torch.zeros(3), {"format_version": 999}])
@@ -64,18 +75,16 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = save_checkpoint({"epoch": 1}, tmp_path / "c.pt")
     before = path.read_bytes()
 
-    def broken_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+    def full_disk(fd):  # the new file is written, but cannot be made durable
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
         save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["c.pt"]
-    assert load_checkpoint(path)["epoch"] == 1
+    assert load_checkpoint(path, required=())["epoch"] == 1
 
 
 class Custom:
@@ -84,9 +93,14 @@ class Custom:
 
 def test_unsafe_objects_are_not_unpickled(tmp_path):
     path = tmp_path / "unsafe.pt"
-    torch.save({"format_version": FORMAT_VERSION, "obj": Custom()}, path)
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    torch.save({"format_version": 1, "obj": Custom()}, path)  # format 1: no digest to stop it first
+    with pytest.warns(UserWarning, match="read without verification"), \
+            pytest.raises(ValueError, match="cannot read checkpoint"):
         load_checkpoint(path)
+    # A file with an intact digest is no safer: its payload is still read with weights_only.
+    path.write_bytes(encode_checkpoint({"obj": Custom()}))
+    with pytest.raises(ValueError, match="holds objects other than weights, which are never built: Unsupported global"):
+        load_checkpoint(path, required=())
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
