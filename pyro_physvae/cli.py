@@ -4,13 +4,25 @@ extrapolation, quick start."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
+import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pyro_physvae.settings import SETTINGS
-from pyro_physvae.systems import describe_source, get_system, load_plugin, registered_systems
+from pyro_physvae.systems import (
+    check_keyword_arguments,
+    describe_source,
+    get_system,
+    load_plugin,
+    registered_systems,
+)
 
 QUICKSTART_SIZES = {"n_train": 500, "n_valid": 200, "n_test": 200}
 QUICKSTART_EPOCHS = 150
@@ -18,12 +30,15 @@ QUICKSTART_EPOCHS = 150
 
 def _number(kind: type, what: str, ok: Callable[[float], bool]):
     """An argparse type: a number of ``kind`` (int or float) for which ``ok`` holds, described
-    as ``what`` in the error message."""
+    as ``what`` in the error message. Floats must be finite (``inf`` and ``nan`` are
+    refused)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
@@ -31,8 +46,20 @@ def _number(kind: type, what: str, ok: Callable[[float], bool]):
 
 
 _positive_int = _number(int, "a positive integer", lambda v: v > 0)
-_positive_float = _number(float, "a positive number", lambda v: v > 0)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+_finite_float = _number(float, "a number", lambda v: True)
+_positive_float = _number(float, "a positive number", lambda v: v > 0)
+_non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
+_renyi_order = _number(float, "a number >= 0 other than 1", lambda v: v >= 0 and v != 1)
+#: Seeds feed NumPy's generator too (through pyro.set_rng_seed), which takes 0 to 2**32 - 1.
+_seed = _number(int, "an integer from 0 to 4294967295", lambda v: 0 <= v < 2**32)
+
+
+def _device(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``."""
+    if text in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def _factors(text: str) -> tuple[float, ...]:
@@ -40,9 +67,69 @@ def _factors(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"factors must be positive, got {text!r}")
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"factors must be positive and finite, got {text!r}")
     return values
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Check, before anything runs, that ``path`` can be the output directory named by
+    ``option``: not an existing file, and creatable and writable (its nearest existing
+    ancestor is a writable directory). Nothing is created.
+
+    Raises:
+        ValueError: naming the option, the path and the problem.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out} is a file, expected a directory")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot create {option} {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {option} {out}: {ancestor} is not writable")
+    return out
+
+
+def _read_run_config(run: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of a run directory, or ``None`` where it is missing or unreadable."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _check_run_inputs(args: argparse.Namespace, splits: tuple[str, ...], out_default: str) -> None:
+    """Before a command that reads a trained run (``args.run``) runs: the run directory
+    exists, the output directory (``args.out``, else ``RUN/out_default``) can be written,
+    and each split of the data (``args.data``, else the run's own) loads and fits the
+    run's model (same system, sizes such as ``n_steps`` and ``dt``)."""
+    from pyro_physvae.data.io import check_data_dir
+
+    run = Path(args.run)
+    if not run.exists():
+        raise FileNotFoundError(f"run directory not found: {run}")
+    if not run.is_dir():
+        raise ValueError(f"run directory {run} is a file, expected a directory")
+    args.output_dir = check_output_dir(args.out or run / out_default)  # named by write errors
+    config = _read_run_config(run)
+    if config is None or "system" not in config:  # loading the run will say what is wrong
+        if args.data is not None:
+            check_data_dir(args.data, (), what="--data directory")
+        return
+    system = get_system(config["system"], source=config.get("system_source"))
+    data = args.data if args.data is not None else config.get("data_dir")
+    if data is None:
+        return
+    check_data_dir(data, splits, own_layout=system.read_split is not None,
+                   what="--data directory" if args.data is not None else "the run's data directory")
+    for split in splits:
+        ds = system.load_split(data, split)
+        system.check_data_fits(ds, config.get("model_kwargs") or {})
+        system.observations(ds)
 
 
 def cmd_systems(args: argparse.Namespace) -> None:
@@ -60,6 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sizes = {k: v for k, v in (("n_train", args.n_train), ("n_valid", args.n_valid),
                                ("n_test", args.n_test), ("n_steps", args.n_steps))
              if v is not None}
+    check_output_dir(args.out)
     system = get_system(args.system)
     if system.generate is None:
         raise ValueError(f"system {system.name!r} has no data generator (System.generate)")
@@ -71,6 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_import_reference(args: argparse.Namespace) -> None:
     from pyro_physvae.data.io import save_dataset
 
+    check_output_dir(args.out)
+    if not Path(args.source).exists():
+        raise FileNotFoundError(f"reference data not found: {args.source}")
     if args.system == "pendulum":
         from pyro_physvae.data.pendulum import load_reference_text
 
@@ -100,6 +191,7 @@ def cmd_import_galaxy10(args: argparse.Namespace) -> None:
     from pyro_physvae.data.galaxy import load_galaxy10
     from pyro_physvae.data.io import save_dataset
 
+    check_output_dir(args.out)
     splits = load_galaxy10(args.source, class_label=args.class_label, n_train=args.n_train,
                            n_valid=args.n_valid, n_test=args.n_test, seed=args.seed,
                            image_size=args.image_size)
@@ -108,21 +200,34 @@ def cmd_import_galaxy10(args: argparse.Namespace) -> None:
         print(f"wrote {path} ({ds.sizes['sequence']} images of class {args.class_label})")
 
 
-def _train_config(args: argparse.Namespace, defaults: dict):
-    from pyro_physvae.train import TrainConfig
+#: The ``train`` options that are fields of ``TrainConfig``. Left out (``None``), they take
+#: the reference defaults in a new run and the run's recorded values on ``--resume``.
+TRAIN_CONFIG_OPTIONS = ("epochs", "batch_size", "lr", "seed", "elbo", "num_particles", "renyi_alpha",
+                        "guide", "alpha", "beta", "gamma", "grad_scale", "device", "threads",
+                        "checkpoint_every")
+#: ``physvae train``'s system and setting where neither is given nor resumed.
+TRAIN_DEFAULTS = {"system": "pendulum", "setting": "phys+nn+reg"}
 
-    return TrainConfig(
-        epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size or defaults["batch_size"],
-        lr=args.lr, seed=args.seed, elbo=args.elbo, num_particles=args.num_particles,
-        renyi_alpha=args.renyi_alpha, guide=args.guide, alpha=args.alpha, beta=args.beta,
-        gamma=args.gamma, grad_scale=args.grad_scale, device=args.device,
-        threads=args.threads, checkpoint_every=args.checkpoint_every,
-    )
+
+def _given_train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields that the command line gives (those not left ``None``)."""
+    return {k: getattr(args, k) for k in TRAIN_CONFIG_OPTIONS if getattr(args, k) is not None}
+
+
+def _recorded_run(out: Path) -> dict[str, Any]:
+    """The options a run directory recorded (its ``config.json``: ``system``, ``setting``,
+    ``train_config``, ``model_kwargs``, ``guide_kwargs``), for ``--resume``."""
+    config = _read_run_config(out)
+    if config is None or not {"system", "setting"} <= set(config) \
+            or not isinstance(config.get("train_config", {}), dict):
+        raise ValueError(f"cannot resume: {out} has no readable config.json")
+    return config
 
 
 def model_option_arg(text: str) -> tuple[str, object]:
     """An argparse type: ``KEY=VALUE``, the value read as JSON when it is JSON (numbers,
-    lists, ``true``), else kept as a string."""
+    lists, ``true``), else kept as a string. ``physvae train`` checks the values against
+    the constructor's annotations (:func:`~pyro_physvae.systems.check_keyword_arguments`)."""
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -133,25 +238,54 @@ def model_option_arg(text: str) -> tuple[str, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pyro_physvae.train import train
+    """Train a new run, or with ``--resume`` continue one: the options given replace the
+    run's recorded ones (``train`` refuses the changes that are not safe), those left out
+    keep them."""
+    from pyro_physvae.data.io import check_data_dir
+    from pyro_physvae.train import TrainConfig, train
 
-    system = get_system(args.system)
+    out = check_output_dir(args.out)
+    given = _given_train_options(args)
+    if args.resume:
+        recorded = _recorded_run(out)
+        name = args.system or recorded["system"]
+        source = recorded.get("system_source") if name == recorded["system"] else None
+        system = get_system(name, source=source)
+        setting = args.setting or recorded["setting"]
+        config = TrainConfig.from_dict({**(recorded.get("train_config") or {}), **given})
+    else:
+        system = get_system(args.system or TRAIN_DEFAULTS["system"])
+        setting = args.setting or TRAIN_DEFAULTS["setting"]
+        config = TrainConfig(**{**system.train_defaults, **given})
+    check_data_dir(args.data, ("train", "valid"), own_layout=system.read_split is not None)
     # Solver options left out take the model's own defaults (e.g. 2 sub-steps for advdif).
-    # Unknown --model-option keys are refused when the model is built, before anything is written.
     model_kwargs = dict(args.model_option)
     model_kwargs.update({k: v for k, v in (("method", args.solver), ("substeps", args.substeps),
                                            ("rtol", args.rtol), ("atol", args.atol)) if v is not None})
-    history = train(system, args.setting, args.data, args.out,
-                    _train_config(args, system.train_defaults), model_kwargs=model_kwargs,
-                    guide_kwargs=dict(args.guide_option), resume=args.resume, progress=not args.quiet)
+    guide_kwargs = dict(args.guide_option)
+    check_keyword_arguments(system.model_cls, model_kwargs, bound=("setting",), label="--model-option")
+    if config.guide == "amortized":
+        check_keyword_arguments(system.guide_cls, guide_kwargs, bound=("model",), label="--guide-option")
+    else:  # an AutoGuide's options are make_autoguide's (init_scale, rank)
+        from pyro_physvae.autoguides import make_autoguide
+
+        check_keyword_arguments(make_autoguide, guide_kwargs, bound=("kind", "model"),
+                                label=f"--guide-option (--guide {config.guide})")
+    history = train(system, setting, args.data, out, config, model_kwargs=model_kwargs,
+                    guide_kwargs=guide_kwargs, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.quiet)
+    if not history:
+        print(f"done: no epochs to run; checkpoints in {out}")
+        return
     best = min(history, key=lambda r: r["val_loss"])
     print(f"done: {len(history)} epochs; best validation loss {best['val_loss']:.4g} at epoch "
-          f"{best['epoch']}; checkpoints in {args.out}")
+          f"{best['epoch']}; checkpoints in {out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import evaluate
 
+    _check_run_inputs(args, (args.split,), f"eval-{args.split}")
     metrics = evaluate(args.run, args.data, split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device,
                        guide_steps=args.guide_steps, checkpoint=args.checkpoint,
@@ -162,10 +296,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import diagnose
 
+    calibrate_on = None if args.calibrate_on == "none" else args.calibrate_on
+    _check_run_inputs(args, tuple(dict.fromkeys(s for s in (args.split, calibrate_on) if s)),
+                      f"diagnose-{args.split}")
     out = args.out or str(Path(args.run) / f"diagnose-{args.split}")
     report = diagnose(args.run, args.data, split=args.split, num_samples=args.samples,
                       iwae_particles=args.iwae_particles,
-                      calibrate_on=None if args.calibrate_on == "none" else args.calibrate_on,
+                      calibrate_on=calibrate_on,
                       out_dir=out, guide_steps=args.guide_steps, refine_steps=args.refine_steps)
     print(json.dumps(report, indent=2))
     print(f"written to {out}")
@@ -175,6 +312,7 @@ def cmd_nuts(args: argparse.Namespace) -> None:
     from pyro_physvae.diagnostics import markdown_table
     from pyro_physvae.mcmc import nuts_report
 
+    _check_run_inputs(args, (args.split,), f"nuts-{args.split}")
     report = nuts_report(args.run, args.data, split=args.split, sequences=args.sequences,
                          num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains,
                          seed=args.seed, out_dir=args.out, chain_method=args.chain_method,
@@ -191,6 +329,7 @@ def cmd_nuts(args: argparse.Namespace) -> None:
 def cmd_counterfactual(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import counterfactual
 
+    _check_run_inputs(args, (args.split,), f"counterfactual-{args.split}")
     report = counterfactual(args.run, args.data, split=args.split, factors=args.factors,
                             parameter=args.parameter, n_sequences=args.sequences, out_dir=args.out)
     name = report["parameter"]
@@ -202,6 +341,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
 def cmd_extrapolate(args: argparse.Namespace) -> None:
     from pyro_physvae.extrapolation import extrapolate
 
+    _check_run_inputs(args, (args.split,), f"extrapolate-{args.split}")
     report = extrapolate(args.run, args.data, split=args.split, n_steps=args.steps,
                          n_sequences=args.sequences, num_samples=args.samples, out_dir=args.out)
     print(f"{report['system']} {report['setting']}: rolled out {report['n_steps']} steps from a "
@@ -218,7 +358,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import counterfactual, evaluate
     from pyro_physvae.train import TrainConfig, train
 
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     data_dir, run_dir = out / "data", out / "run"
     system = get_system("pendulum")
     print(f"[1/4] generating pendulum data in {data_dir}")
@@ -228,7 +368,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     train(system, "phys+nn+reg", data_dir, run_dir,
           TrainConfig(epochs=args.epochs, batch_size=100, seed=args.seed, device=args.device,
                       threads=args.threads),
-          progress=not args.quiet)
+          overwrite=True, progress=not args.quiet)  # the quick start's own directory: redone
     print("[3/4] evaluating on the test split")
     metrics = evaluate(run_dir, data_dir, split="test", num_samples=100, out_dir=out / "eval")
     print("[4/4] counterfactual: the physics parameter scaled past its training range")
@@ -310,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
                    help="a Python file or module that registers systems (register_system); "
                    "repeatable. Runs trained on such a system reload it by themselves.")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error (by default: one line saying what is wrong)")
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("systems", help="list the available systems (built in and from --plugin)")
@@ -318,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a synthetic data set (train/valid/test .nc)")
     g.add_argument("--system", default="pendulum", help=_SYSTEM_HELP)
     g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     for name in ("n-train", "n-valid", "n-test", "n-steps"):
         g.add_argument(f"--{name}", type=_positive_int, default=None)
     g.set_defaults(func=cmd_generate)
@@ -330,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "locomotion: <split>.npy or data_<split>.mat, and props_<split>.txt")
     it.add_argument("--system", default="pendulum", help=_SYSTEM_HELP)
     it.add_argument("--out", required=True)
-    it.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
+    it.add_argument("--splits", nargs="+", default=["train", "valid", "test"],
+                    choices=["train", "valid", "test"])
     it.add_argument("--dt", type=_positive_float, default=None,
                     help="time step (default: pendulum 0.05, advdif from args_<split>.json)")
     it.add_argument("--dx", type=_positive_float, default=None,
@@ -346,29 +489,32 @@ def build_parser() -> argparse.ArgumentParser:
     gx.add_argument("--n-train", type=_positive_int, default=400)
     gx.add_argument("--n-valid", type=_positive_int, default=100)
     gx.add_argument("--n-test", type=_positive_int, default=None, help="default: all the rest")
-    gx.add_argument("--seed", type=int, default=0, help="seed of the split's permutation")
+    gx.add_argument("--seed", type=_seed, default=0, help="seed of the split's permutation")
     gx.add_argument("--image-size", type=_positive_int, default=None,
                     help="resample the images to this size (default: keep)")
     gx.set_defaults(func=cmd_import_galaxy10)
 
-    t = sub.add_parser("train", help="train a model/guide pair with SVI")
-    t.add_argument("--system", default="pendulum", help=_SYSTEM_HELP)
-    t.add_argument("--setting", choices=SETTINGS, default="phys+nn+reg")
+    # Options left out (None) take the reference defaults, or with --resume the run's own.
+    t = sub.add_parser("train", help="train a model/guide pair with SVI",
+                       description="Train a model/guide pair with SVI. With --resume, the options "
+                       "left out keep the run's recorded values.")
+    t.add_argument("--system", default=None, help=_SYSTEM_HELP + " (default: pendulum)")
+    t.add_argument("--setting", choices=SETTINGS, default=None, help="default: phys+nn+reg")
     t.add_argument("--data", required=True, help="directory with train.nc and valid.nc")
     t.add_argument("--out", required=True, help="run directory for checkpoints")
     t.add_argument("--epochs", type=_positive_int, default=None, help="default: the reference")
     t.add_argument("--batch-size", type=_positive_int, default=None)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--elbo", choices=list(ELBOS), default="meanfield")
-    t.add_argument("--num-particles", type=_positive_int, default=1)
-    t.add_argument("--renyi-alpha", type=float, default=0.0,
-                   help="order of --elbo renyi (0: importance-weighted bound, IWAE)")
-    t.add_argument("--guide", choices=GUIDES, default="amortized",
-                   help="the amortized encoder or an AutoGuide with per-sequence latents")
-    t.add_argument("--alpha", type=float, default=None, help="R_ppc weight")
-    t.add_argument("--beta", type=float, default=None, help="R_DA,2 weight")
-    t.add_argument("--gamma", type=float, default=None, help="R_DA,1 weight")
+    t.add_argument("--lr", type=_positive_float, default=None, help="default: 1e-3")
+    t.add_argument("--seed", type=_seed, default=None, help="default: 0")
+    t.add_argument("--elbo", choices=list(ELBOS), default=None, help="default: meanfield")
+    t.add_argument("--num-particles", type=_positive_int, default=None, help="default: 1")
+    t.add_argument("--renyi-alpha", type=_renyi_order, default=None,
+                   help="order of --elbo renyi (default 0: importance-weighted bound, IWAE)")
+    t.add_argument("--guide", choices=GUIDES, default=None,
+                   help="the amortized encoder (default) or an AutoGuide with per-sequence latents")
+    t.add_argument("--alpha", type=_non_negative_float, default=None, help="R_ppc weight")
+    t.add_argument("--beta", type=_non_negative_float, default=None, help="R_DA,2 weight")
+    t.add_argument("--gamma", type=_non_negative_float, default=None, help="R_DA,1 weight")
     t.add_argument("--grad-scale", type=_positive_float, default=None,
                    help="gradient factor before clipping and Adam (default: the reference "
                    "loss scale, 2 sigma^2 / N_train)")
@@ -384,10 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--guide-option", type=model_option_arg, action="append", default=[],
                    metavar="KEY=VALUE", help="an amortized guide constructor argument, VALUE as JSON, "
                    "e.g. hidden_feat='[64, 64]' (repeatable)")
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--device", type=_device, default=None, help="cpu (default) or cuda")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=10)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help="epochs between checkpoints (default: the trainer's)")
+    fresh = t.add_mutually_exclusive_group()
+    fresh.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT; options left out keep the run's values")
+    fresh.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an OUT that already holds a run, replacing it")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -397,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"],
                    help="the best-validation checkpoint or the last one")
     e.add_argument("--out", default=None)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", type=_device, default="cpu")
     _add_guide_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -424,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-tree-depth", type=_positive_int, default=8)
     n.add_argument("--amortized-draws", type=_positive_int, default=1000,
                    help="draws of the amortized guide compared with NUTS")
-    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--seed", type=_seed, default=0)
     n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
     n.set_defaults(func=cmd_nuts)
 
@@ -452,23 +603,97 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="generate, train briefly, evaluate, write a report")
     q.add_argument("--out", default="physvae-quickstart")
     q.add_argument("--epochs", type=_positive_int, default=QUICKSTART_EPOCHS)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--seed", type=_seed, default=0)
+    q.add_argument("--device", type=_device, default="cpu")
     q.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (these small networks run fastest on one)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quickstart)
+    for command in {id(c): c for c in sub.choices.values()}.values():  # --debug also after the name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an error")
     return p
 
 
+#: Errors that mean "the disk is full or cannot be written": reported as "cannot write".
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EIO}
+#: How torch reports a failed write of a checkpoint (e.g. on a full disk), which carries no
+#: errno: "[enforce fail at inline_container.cc:672] . unexpected pos ...", "PytorchStreamWriter
+#: failed writing file ...", "... file write failed".
+_TORCH_WRITE_FAILURE = re.compile(
+    r"inline_container\.cc|PytorchStreamWriter|file write failed|unexpected pos")
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    """Whether ``error`` was raised by this package's code (its innermost frame is in
+    ``pyro_physvae``, the models or the guides), whose messages are written for the user,
+    rather than inside a library."""
+    import pyro_physvae.guides
+    import pyro_physvae.models
+
+    roots = [str(Path(__file__).resolve().parent)]
+    roots += [str(Path(p).resolve()) for m in (pyro_physvae.models, pyro_physvae.guides) for p in m.__path__]
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = str(Path(tb.tb_frame.f_code.co_filename).resolve())
+    return any(filename.startswith(root + os.sep) for root in roots)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def error_message(error: BaseException, out: str | os.PathLike | None = None) -> str:
+    """One line that says what went wrong, for ``physvae <command>: error: <message>``.
+
+    Errors that this package raises (``ValueError``, ``OSError``, ``RuntimeError`` with a
+    message written for the user) are shown as they are; a failed write (a full or read-only
+    disk, torch's failed checkpoint write) as ``cannot write <path>: <reason>``, where ``out``
+    (the command's output directory) stands in for a path the error does not name; anything
+    else as ``<ExceptionType>: <first line>`` with a pointer to ``--debug``.
+    """
+    where = error.filename if isinstance(error, OSError) and error.filename else out
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = error.strerror or os.strerror(error.errno)
+        if error.errno in _WRITE_ERRNOS:
+            return f"cannot write {where or 'the output'}: {reason}"
+        if error.filename:
+            if error.errno in (errno.EACCES, errno.EPERM):
+                return f"cannot access {error.filename}: {reason}"
+            if error.errno == errno.ENOENT:
+                return f"not found: {error.filename}"
+            return f"{error.filename}: {reason}"
+    if isinstance(error, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(error)):
+        return f"cannot write {where or 'the output'} (disk full or write error)"
+    text = _one_line(str(error))
+    if isinstance(error, (ValueError, OSError, RuntimeError)) and text and _raised_by_us(error):
+        return text
+    first = str(error).strip().splitlines()[0].strip() if str(error).strip() else ""
+    return f"{type(error).__name__}{': ' + first if first else ''} (run with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``physvae`` command line. Returns the exit status: 0, 2 for an error (one
+    line on stderr, ``physvae <command>: error: <message>``; with ``--debug`` the traceback
+    first), 130 when interrupted. Bad arguments exit with argparse's usage line (status 2)."""
     args = build_parser().parse_args(argv)
     try:
         for plugin in args.plugin:
             load_plugin(plugin)
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"physvae {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"physvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one error boundary: every failure ends as one line
+        if args.debug:
+            traceback.print_exc()
+        out = getattr(args, "output_dir", None) or getattr(args, "out", None)
+        print(f"physvae {args.command}: error: {error_message(e, out)}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,22 +13,34 @@ records where its system came from (``System.source``), so that ``evaluate``, ``
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import importlib.metadata
 import inspect
+import math
+import numbers
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 import xarray as xr
 from pyro.nn import PyroModule
 
-from pyro_physvae.data.io import load_split, to_tensor
+from pyro_physvae.data.io import (
+    dataset_source,
+    load_split,
+    require_attribute,
+    require_dimension,
+    to_tensor,
+)
 from pyro_physvae.settings import Setting
+from pyro_physvae.validation import check_sequences
 
 #: Entry-point group through which installed packages offer systems: ``name = "module:attr"``,
 #: where the attribute is a :class:`System` or a function without arguments that returns one.
@@ -129,32 +141,213 @@ class System:
         return load_split(data_dir, split, system=self.name, reader=self.read_split)
 
     def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The observation tensor of a data set, the first argument of model and guide."""
-        return to_tensor(ds["x"], device)
+        """The observation tensor ``(N, *event)`` of a data set in torch's default dtype, the
+        first argument of model and guide.
+
+        Raises:
+            ValueError: the data set has no ``x``, its rank is not the model's
+                (``1 + model_cls.x_event_dim``), or its values are not finite once cast
+                (e.g. float64 values beyond float32's range); the message names the file.
+        """
+        where = dataset_source(ds)
+        if "x" not in ds:
+            raise ValueError(f"{where} has no observation variable 'x' (variables: {list(ds.data_vars)})")
+        event_dim = getattr(self.model_cls, "x_event_dim", None)
+        if isinstance(event_dim, int) and ds["x"].ndim != 1 + event_dim:
+            dims = getattr(self.model_cls, "observation_dims", None) or ("...",) * event_dim
+            raise ValueError(f"'x' of {where} has the dimensions {ds['x'].dims}; {self.name} data "
+                             f"have (sequence, {', '.join(dims)})")
+        x = to_tensor(ds["x"], device, name=f"'x' of {where}")
+        check_sequences(x, f"'x' of {where}", rank=x.ndim)
+        return x
+
+    def check_data_fits(self, ds: xr.Dataset, model_kwargs: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` where the sizes that :attr:`model_kwargs_from_data` reads
+        off ``ds`` (e.g. ``n_steps``, ``dt``) differ from those a trained model was built
+        with (``model_kwargs``, as a run records them): such data do not fit the model."""
+        found = self.model_kwargs_from_data(ds)
+        differ = []
+        for key, value in found.items():
+            if key not in model_kwargs:
+                continue
+            trained = model_kwargs[key]
+            numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (value, trained))
+            same = math.isclose(value, trained, rel_tol=1e-9) if numeric else value == trained
+            if not same:
+                differ.append(f"{key}={value} (the model's: {trained})")
+        if differ:
+            raise ValueError(f"{dataset_source(ds)} does not fit the trained {self.name} model: the "
+                             f"data have {', '.join(differ)}")
 
     def _time_grid_from_data(self, ds: xr.Dataset) -> dict[str, Any]:
         """``n_steps`` (the size of the ``time`` dimension) and ``dt`` (the data set's
-        attribute), each where the data have it and the model takes it."""
+        attribute, a finite positive number), each where the data have it and the model
+        takes it."""
         found: dict[str, Any] = {}
         if "time" in ds.sizes:
             found["n_steps"] = int(ds.sizes["time"])
         if "dt" in ds.attrs:
-            found["dt"] = float(ds.attrs["dt"])
+            found["dt"] = require_attribute(ds, "dt", "the time step")
         params = inspect.signature(self.model_cls).parameters
         return {k: v for k, v in found.items() if k in params}
 
 
-def check_keyword_arguments(cls: type, kwargs: dict[str, Any], bound: tuple[str, ...] = ()) -> None:
-    """Raise a ``ValueError`` naming the keys of ``kwargs`` that ``cls(...)`` does not take
-    (``bound``: its arguments given positionally)."""
+def check_keyword_arguments(cls: Callable[..., Any], kwargs: Mapping[str, Any],
+                            bound: tuple[str, ...] = (), *, label: str | None = None) -> None:
+    """Check keyword arguments for ``cls(...)`` (a class, or a function) against its
+    signature and type annotations.
+
+    Refused, with a ``ValueError``: keys that ``cls`` does not take (unless it takes
+    ``**kwargs``), naming the ones it takes, and values that do not match a parameter's
+    annotation (see :func:`matches_annotation`: ``int``, ``float``, ``bool``, ``str``,
+    ``None``/``Optional``, unions, ``Literal``, sequences, tuples, mappings and classes;
+    ``bool`` is no number, numbers must be finite). Annotations given as strings (``from
+    __future__ import annotations``) are resolved in the defining module; one that cannot be
+    resolved is not checked.
+
+    Args:
+        bound: parameters given positionally (e.g. a model's ``setting``), not in ``kwargs``.
+        label: how the arguments are called in messages, e.g. ``"--model-option"``
+            (default: ``"<cls name> argument"``).
+    """
+    name = getattr(cls, "__name__", repr(cls))
     params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = set(params) - set(bound)
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no argument(s) {unknown}; "
-                         f"it takes: {', '.join(sorted(accepted))}")
+    accepted = [k for k, p in params.items() if k not in bound
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"{label + ': ' if label else ''}{name} has no argument(s) {unknown}; "
+                             f"it takes: {', '.join(sorted(accepted))}")
+    hints = constructor_annotations(cls)
+    for key, value in kwargs.items():
+        if key in hints and not matches_annotation(hints[key], value):
+            raise ValueError(f"{label or name + ' argument'} {key}: expected "
+                             f"{describe_annotation(hints[key])}, got {value!r}")
+
+
+def constructor_annotations(cls: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved type annotations of the parameters of ``cls.__init__`` (of ``cls``
+    itself for a function), by parameter name; those that cannot be resolved are left out."""
+    target = cls.__init__ if isinstance(cls, type) else cls
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # one unresolvable name spoils get_type_hints: resolve one by one
+        hints = {}
+        module_globals = getattr(inspect.unwrap(target), "__globals__", {})
+        for key, p in inspect.signature(target).parameters.items():
+            ann = p.annotation
+            if isinstance(ann, str):
+                try:
+                    ann = eval(ann, dict(module_globals))  # the module's own annotation text
+                except Exception:
+                    continue
+            if ann is not inspect.Parameter.empty:
+                hints[key] = ann
+    hints.pop("return", None)
+    return hints
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy array or tensor as a Python number (0 dimensions) or list (more); anything
+    else unchanged."""
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+_SEQUENCE_ORIGINS = (collections.abc.Sequence, collections.abc.MutableSequence, list,
+                     collections.abc.Collection, collections.abc.Iterable, set, frozenset,
+                     collections.abc.Set, collections.abc.MutableSet)
+
+
+def matches_annotation(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits the type ``annotation``: ``int`` (not ``bool``), ``float`` (a
+    finite real number, ints included), ``bool``, ``str``, ``None``, unions and ``Optional``,
+    ``Literal``, ``tuple[...]``, sequences and sets (a list or tuple, not a string, of
+    matching items), mappings (matching keys and values) and classes (``isinstance``).
+    Annotations it does not know (type variables, callables' signatures, ...) match
+    anything."""
+    if annotation in (Any, inspect.Parameter.empty) or isinstance(annotation, (str, typing.TypeVar)):
+        return True
+    if annotation is None or annotation is type(None):
+        return value is None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union or origin is types.UnionType:
+        return any(matches_annotation(a, value) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    value = _plain(value)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(matches_annotation(args[0], v) for v in value)
+        if not args:
+            return True
+        if args == ((),):
+            return len(value) == 0
+        return len(value) == len(args) and all(matches_annotation(a, v)
+                                                for a, v in zip(args, value, strict=True))
+    if origin in _SEQUENCE_ORIGINS or annotation in _SEQUENCE_ORIGINS:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+            return False
+        item = args[0] if args else Any
+        return all(matches_annotation(item, v) for v in value)
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping) or \
+            annotation in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        if not isinstance(value, collections.abc.Mapping):
+            return False
+        key_t, value_t = args if len(args) == 2 else (Any, Any)
+        return all(matches_annotation(key_t, k) and matches_annotation(value_t, v) for k, v in value.items())
+    if origin is collections.abc.Callable or annotation is collections.abc.Callable:
+        return callable(value)
+    if isinstance(origin, type):  # another generic: check the container only
+        try:
+            return isinstance(value, origin)
+        except TypeError:
+            return True
+    if isinstance(annotation, type):
+        try:
+            return isinstance(value, annotation)
+        except TypeError:  # e.g. a Protocol that is not runtime-checkable
+            return True
+    return True
+
+
+def describe_annotation(annotation: Any) -> str:
+    """``annotation`` in a few words for messages: ``int``, ``a list of int``, ``float or
+    None``, ``one of 'a', 'b'``, ..."""
+    if annotation is None or annotation is type(None):
+        return "None"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(describe_annotation(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {describe_annotation(args[0])}"
+        return f"a list of {len(args)} ({', '.join(describe_annotation(a) for a in args)})"
+    if origin in _SEQUENCE_ORIGINS or annotation in _SEQUENCE_ORIGINS:
+        return f"a list of {describe_annotation(args[0])}" if args else "a list"
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        return (f"a mapping of {describe_annotation(args[0])} to {describe_annotation(args[1])}"
+                if len(args) == 2 else "a mapping")
+    if annotation is float:
+        return "finite float"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation)
 
 
 def _pendulum() -> System:
@@ -166,7 +359,7 @@ def _pendulum() -> System:
         return data.generate(data.PendulumDataConfig(**sizes), seed=seed)
 
     def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
-        return {"n_steps": int(ds.sizes["time"]), "dt": float(ds.attrs["dt"])}
+        return {"n_steps": require_dimension(ds, "time"), "dt": require_attribute(ds, "dt", "the time step")}
 
     def counterfactual_truth(ds: xr.Dataset, name: str, factor: float) -> torch.Tensor:
         """The true forced damped pendulum of each sequence, angles ``(N, T)`` [rad] (float64),
@@ -206,8 +399,9 @@ def _advdif() -> System:
         return data.generate(data.AdvDifDataConfig(**sizes), seed=seed)
 
     def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
-        return {"n_grid": int(ds.sizes["space"]), "dx": float(ds.attrs["dx"]),
-                "n_steps": int(ds.sizes["time"]), "dt": float(ds.attrs["dt"])}
+        return {"n_grid": require_dimension(ds, "space"),
+                "dx": require_attribute(ds, "dx", "the grid spacing"),
+                "n_steps": require_dimension(ds, "time"), "dt": require_attribute(ds, "dt", "the time step")}
 
     def counterfactual_truth(ds: xr.Dataset, name: str, factor: float) -> torch.Tensor:
         """The true advection-diffusion fields ``(N, X, T)`` (float64) of each sequence over
@@ -253,8 +447,8 @@ def _locomotion() -> System:
         return data.generate(data.GaitDataConfig(**sizes), seed=seed)
 
     def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
-        return {"n_joints": int(ds.sizes["joint"]), "n_steps": int(ds.sizes["time"]),
-                "dt": float(ds.attrs["dt"])}
+        return {"n_joints": require_dimension(ds, "joint"), "n_steps": require_dimension(ds, "time"),
+                "dt": require_attribute(ds, "dt", "the time step")}
 
     def energy_metrics(model: LocomotionModel, draws: Mapping[str, torch.Tensor],
                        ds: xr.Dataset) -> dict[str, Any]:
@@ -314,7 +508,11 @@ def _galaxy() -> System:
         return data.generate(data.GalaxyDataConfig(**sizes), seed=seed)
 
     def model_kwargs(ds: xr.Dataset) -> dict[str, Any]:
-        return {"image_size": int(ds.sizes["row"])}
+        rows, cols = require_dimension(ds, "row"), require_dimension(ds, "col")
+        if rows != cols:
+            raise ValueError(f"the images of {dataset_source(ds)} are {rows} x {cols}; the galaxy "
+                             "model takes square images")
+        return {"image_size": rows}
 
     # The image evaluation is imported when used, so that building the system does not load
     # matplotlib.
@@ -495,6 +693,8 @@ def load_plugin(spec: str | os.PathLike) -> tuple[str, ...]:
             module = importlib.import_module(text)
         except ImportError as e:
             raise ValueError(f"cannot import the plugin module {text!r}: {e}") from e
+        except Exception as e:  # the plugin's own code failed (a syntax error, an exception)
+            raise ValueError(f"cannot import the plugin module {text!r}: {type(e).__name__}: {e}") from e
     mine = {module.__name__, str(Path(getattr(module, "__file__", "") or "").resolve())}
     return tuple(n for n, s in _REGISTRY.items() if s.source.get("module") in mine
                  or s.source.get("path") in mine)
@@ -515,6 +715,9 @@ def _import_file(path: Path):
         return importlib.import_module(path.stem)
     except ImportError as e:
         raise ValueError(f"cannot import the plugin {path}: {e}") from e
+    except Exception as e:  # the plugin's own code failed (a syntax error, an exception)
+        sys.modules.pop(path.stem, None)
+        raise ValueError(f"cannot import the plugin {path}: {type(e).__name__}: {e}") from e
 
 
 def _load_source(source: Mapping[str, str]) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from pyro_physvae.cli import main
 from pyro_physvae.evaluate import load_run
+from pyro_physvae.train import read_history
 
 TINY = ["--n-train", "32", "--n-valid", "16", "--n-test", "16", "--n-steps", "20"]
 
@@ -37,9 +38,9 @@ def test_generate_writes_three_splits(data_dir: Path) -> None:
 
 
 def test_train_writes_checkpoints_and_history(run_dir: Path) -> None:
-    for name in ("best.pt", "last.pt", "config.json", "history.json"):
+    for name in ("best.pt", "last.pt", "config.json", "history.jsonl"):
         assert (run_dir / name).is_file(), name
-    history = json.loads((run_dir / "history.json").read_text())
+    history = read_history(run_dir)
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert json.loads((run_dir / "config.json").read_text())["setting"] == "phys+nn+reg"
 
@@ -51,7 +52,7 @@ def test_train_resume_continues(run_dir: Path, data_dir: Path, tmp_path: Path) -
     shutil.copytree(run_dir, run)
     assert main(["train", "--data", str(data_dir), "--out", str(run), "--epochs", "5",
                  "--batch-size", "16", "--quiet", "--resume"]) == 0
-    history = json.loads((run / "history.json").read_text())
+    history = read_history(run)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
 
 
@@ -95,9 +96,9 @@ def test_import_text(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--data", "{missing}", "--out", "{tmp}/r", "--epochs", "1"], "data file not found"),
+        (["train", "--data", "{missing}", "--out", "{tmp}/r", "--epochs", "1"], "data directory not found"),
         (["evaluate", "{tmp}/nowhere"], "run directory not found"),
-        (["evaluate", "{corrupt}", "--data", "{bad}"], "cannot read checkpoint"),
+        (["evaluate", "{corrupt}", "--data", "{bad}"], "is not a pyro-physvae checkpoint"),
         (["train", "--data", "{bad}", "--out", "{tmp}/r", "--epochs", "1"], "NaN"),
     ],
 )
