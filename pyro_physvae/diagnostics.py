@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import arviz as az
@@ -240,8 +241,30 @@ def draws_to_inference_data(
     dataset: xr.Dataset | None = None,
     obs_site: str = "x",
     curves: Iterable[str] = CURVES,
+    chains: int = 1,
+    noise: NoiseEstimate | None = None,
 ) -> az.InferenceData:
-    """The InferenceData of :func:`to_inference_data` from draws of :func:`sample_posterior`."""
+    """The InferenceData of :func:`to_inference_data` from draws of :func:`sample_posterior`
+    (or of :func:`with_noise`).
+
+    Args:
+        chains: the ``S`` independent draws are split into this many chains of ``S / chains``
+            draws (``S`` must be divisible by it), so that ArviZ's chain-based diagnostics
+            (``az.summary``'s R-hat and ESS) have the at least two chains of at least four
+            draws they validate; for independent draws R-hat is 1 and ESS about ``S`` up to
+            noise. 1: one chain (``az.summary(..., kind="stats")`` is then the summary to ask
+            for). See :func:`split_chains`.
+        noise: the fitted noise that ``draws``' predictive and log-likelihood use (see
+            :func:`with_noise`), recorded in the groups' attributes. The model's own
+            (raw) log-likelihood, ``draws["log_likelihood_raw"]`` where present, goes to the
+            posterior group as ``log_likelihood_raw``, so that the ``log_likelihood`` group
+            holds one variable (``az.loo`` and ``az.compare`` need no ``var_name``); the raw
+            replicates ``<obs_site>_raw`` are left out.
+    """
+    check_positive_int(chains, "chains")
+    n_draws = next(iter(draws.values())).shape[0]
+    if n_draws % chains:
+        raise ValueError(f"{n_draws} draws cannot be split into {chains} chains of equal length")
     curves = tuple(c for c in curves if c in draws)
     if dataset is not None and obs_site in dataset:
         data_dims = list(dataset[obs_site].dims)
@@ -252,8 +275,12 @@ def draws_to_inference_data(
     row_dim = data_dims[0]
     coords.setdefault(row_dim, np.arange(x.shape[0]))
 
+    def with_chains(value: Tensor) -> np.ndarray:
+        value = value.detach().cpu().numpy()
+        return value.reshape(chains, n_draws // chains, *value.shape[1:])
+
     def as_array(name: str, value: Tensor) -> xr.DataArray:
-        value = value.detach().cpu().numpy()[None]  # chain dim
+        value = with_chains(value)
         extra = value.shape[3:]
         if name in (obs_site, *curves) and extra == tuple(x.shape[1:]):
             dims = ["chain", "draw", *data_dims]
@@ -261,12 +288,26 @@ def draws_to_inference_data(
             dims = ["chain", "draw", row_dim, *_event_dims(name, extra)]
         return xr.DataArray(value, dims=dims)
 
-    posterior = {k: as_array(k, v) for k, v in draws.items() if k not in (obs_site, "log_likelihood")}
+    skip = (obs_site, f"{obs_site}_raw", "log_likelihood", "log_likelihood_raw")
+    posterior = {k: as_array(k, v) for k, v in draws.items() if k not in skip}
+    if "log_likelihood_raw" in draws:
+        posterior["log_likelihood_raw"] = xr.DataArray(
+            with_chains(draws["log_likelihood_raw"]), dims=["chain", "draw", row_dim],
+            attrs={"long_name": f"log-likelihood of {obs_site} per sequence with the model's own "
+                                "(training) noise scale: raw", "units": "nats"})
+    noted = {"observation_noise": "fitted after training" if noise is not None else "the model's own",
+             "draws": f"{n_draws} independent posterior draws in {chains} chain(s)"}
+    if noise is not None:
+        noted["noise_sigma"] = [float(v) for v in noise.sigma]
+        noted["noise_channels"] = "; ".join(noise.channel_names)
+        noted["noise_method"] = noise.method
+    predictive = _dataset({obs_site: as_array(obs_site, draws[obs_site])}, coords)
+    loglik = _dataset({obs_site: xr.DataArray(with_chains(draws["log_likelihood"]),
+                                              dims=["chain", "draw", row_dim])}, coords)
     idata = az.InferenceData(
         posterior=_dataset(posterior, coords),
-        posterior_predictive=_dataset({obs_site: as_array(obs_site, draws[obs_site])}, coords),
-        log_likelihood=_dataset({obs_site: xr.DataArray(
-            draws["log_likelihood"].cpu().numpy()[None], dims=["chain", "draw", row_dim])}, coords),
+        posterior_predictive=predictive.assign_attrs(noted),
+        log_likelihood=loglik.assign_attrs(noted),
         observed_data=xr.Dataset({obs_site: xr.DataArray(x.detach().cpu().numpy(), dims=data_dims)},
                                  coords=coords),
     )
@@ -279,9 +320,262 @@ def draws_to_inference_data(
 
 def _dataset(arrays: dict[str, xr.DataArray], coords: dict[str, np.ndarray]) -> xr.Dataset:
     ds = xr.Dataset(arrays)
-    ds = ds.assign_coords({"chain": [0], "draw": np.arange(ds.sizes["draw"]),
+    ds = ds.assign_coords({"chain": np.arange(ds.sizes["chain"]), "draw": np.arange(ds.sizes["draw"]),
                            **{d: c for d, c in coords.items() if d in ds.dims}})
     return ds
+
+
+# -- observation noise fitted after training -----------------------------------------------------
+#: Observation dimensions over which one noise scale is shared (pooled): the time axis and
+#: spatial axes. Every other observation dimension (a gait's ``joint``, an image's ``band``)
+#: is a channel with its own noise scale.
+POOLED_DIMS = ("time", "space", "row", "col")
+#: Estimators of the observation noise: ``"ml"`` (default) and ``"plugin"``; see
+#: :func:`estimate_noise`.
+NOISE_METHODS = ("ml", "plugin")
+
+
+def noise_channel_axes(event_shape: Sequence[int], observation_dims: Sequence[str] | None = None
+                       ) -> tuple[int, ...]:
+    """The axes of one observation ``(*event)`` that are channels, each with its own noise.
+
+    With the model's ``observation_dims`` (e.g. ``("joint", "time")``), the axes whose names
+    are not in :data:`POOLED_DIMS` (so: one channel for a series ``("time",)`` or a field
+    ``("space", "time")``, one per joint for locomotion, one per band for a galaxy image).
+    Without names, the convention of :func:`pyro_physvae.figures.as_channels`: every axis but
+    the last (time) one.
+    """
+    rank = len(event_shape)
+    if observation_dims is None:
+        return tuple(range(rank - 1))
+    if len(observation_dims) != rank:
+        raise ValueError(f"observation_dims {tuple(observation_dims)} do not name the {rank} "
+                         f"event dimension(s) of shape {tuple(event_shape)}")
+    return tuple(i for i, d in enumerate(observation_dims) if d not in POOLED_DIMS)
+
+
+@dataclass
+class NoiseEstimate:
+    """The Gaussian observation noise fitted to a trained model's residuals, per channel.
+
+    Attributes:
+        sigma_ml: ``(C,)`` maximum-likelihood scale, ``sqrt(E_q[(x - x_mean(z))^2])``, the
+            square averaged over posterior draws, sequences and the pooled axes [units of x].
+        sigma_plugin: ``(C,)`` root mean squared residual of the posterior-mean
+            reconstruction, ``sqrt(mean (x - E_q[x_mean])^2)`` [units of x]. It is smaller:
+            ``sigma_ml^2 = sigma_plugin^2 + (posterior variance of x_mean)``.
+        method: which of the two :attr:`sigma` is (:data:`NOISE_METHODS`).
+        event_shape: shape of one observation.
+        channel_axes: the event axes that are channels (:func:`noise_channel_axes`).
+        channel_names: a label per channel (``"joint 0"``, ...; ``"all"`` for one channel).
+        sigma_model: the model's own (training) noise scale, for reference.
+        n_sequences: sequences the estimate comes from; ``split``: their split.
+    """
+
+    sigma_ml: Tensor
+    sigma_plugin: Tensor
+    method: str
+    event_shape: tuple[int, ...]
+    channel_axes: tuple[int, ...]
+    channel_names: tuple[str, ...]
+    sigma_model: float
+    n_sequences: int
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in NOISE_METHODS:
+            raise ValueError(f"noise method must be one of {NOISE_METHODS}, got {self.method!r}")
+
+    @property
+    def sigma(self) -> Tensor:
+        """``(C,)`` the scale of the chosen :attr:`method`."""
+        return self.sigma_ml if self.method == "ml" else self.sigma_plugin
+
+    def scale(self) -> Tensor:
+        """:attr:`sigma` shaped to broadcast against one observation ``(*event)``: the
+        channel axes keep their sizes, the pooled axes are 1."""
+        shape = [s if i in self.channel_axes else 1 for i, s in enumerate(self.event_shape)]
+        return self.sigma.reshape(shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: both estimates per channel, the one used and the model's."""
+        def per_channel(v: Tensor) -> dict[str, float]:
+            return {c: float(s) for c, s in zip(self.channel_names, v, strict=True)}
+
+        return {"method": self.method, "fitted_on": self.split, "n_sequences": self.n_sequences,
+                "sigma": per_channel(self.sigma), "sigma_ml": per_channel(self.sigma_ml),
+                "sigma_plugin": per_channel(self.sigma_plugin), "sigma_model_raw": self.sigma_model}
+
+
+def _channel_names(event_shape: Sequence[int], channel_axes: Sequence[int],
+                   observation_dims: Sequence[str] | None) -> tuple[str, ...]:
+    if not channel_axes:
+        return ("all",)
+    names = [observation_dims[a] if observation_dims else f"axis{a}" for a in channel_axes]
+    sizes = [int(event_shape[a]) for a in channel_axes]
+    return tuple(", ".join(f"{n} {i}" for n, i in zip(names, idx, strict=True))
+                 for idx in np.ndindex(*sizes))
+
+
+def residual_moments(x: Tensor, x_mean: Tensor, channel_axes: Sequence[int]) -> Tensor:
+    """Mean squared residual per sequence and channel, ``(N, C)``.
+
+    Args:
+        x: observations ``(N, *event)``.
+        x_mean: reconstructions ``(N, *event)`` or draws of them ``(S, N, *event)`` (the
+            square is then averaged over the draws too).
+        channel_axes: event axes kept as channels (:func:`noise_channel_axes`).
+    """
+    sq = (x - x_mean).pow(2)
+    if x_mean.dim() == x.dim() + 1:
+        sq = sq.mean(0)
+    rank = x.dim() - 1
+    pooled = [1 + a for a in range(rank) if a not in channel_axes]
+    keep = [1 + a for a in channel_axes]
+    sq = sq.permute(0, *keep, *pooled)
+    return sq.reshape(sq.shape[0], max(1, int(np.prod([x.shape[k] for k in keep]))), -1).mean(-1)
+
+
+def noise_from_moments(ml: Tensor, plugin: Tensor, *, event_shape: Sequence[int],
+                       channel_axes: Sequence[int], observation_dims: Sequence[str] | None = None,
+                       method: str = "ml", sigma_model: float = math.nan,
+                       split: str | None = None) -> NoiseEstimate:
+    """A :class:`NoiseEstimate` from per-sequence moments ``(N, C)`` of
+    :func:`residual_moments` (over draws for ``ml``, of the posterior mean for ``plugin``),
+    e.g. accumulated chunk by chunk."""
+    return NoiseEstimate(
+        sigma_ml=ml.mean(0).sqrt(), sigma_plugin=plugin.mean(0).sqrt(), method=method,
+        event_shape=tuple(int(s) for s in event_shape), channel_axes=tuple(channel_axes),
+        channel_names=_channel_names(event_shape, channel_axes, observation_dims),
+        sigma_model=float(sigma_model), n_sequences=int(ml.shape[0]), split=split)
+
+
+def estimate_noise(x: Tensor, x_mean: Tensor, *, observation_dims: Sequence[str] | None = None,
+                   method: str = "ml", sigma_model: float = math.nan,
+                   split: str | None = None) -> NoiseEstimate:
+    """The observation noise per channel, fitted to the residuals of posterior draws.
+
+    Fit it on a split the model was not trained on (the validation split) and use it for
+    the posterior predictive and the log-likelihood of another (:func:`with_noise`). Training
+    keeps its fixed reference noise, which helps the physics but is far below a trained
+    model's misfit, so that replicates and pointwise log-likelihoods with it are useless.
+
+    Two estimates are computed, per channel (:func:`noise_channel_axes`):
+
+    * ``"ml"`` (the default): ``sigma^2 = E_q[(x - x_mean(z))^2]`` averaged over the draws,
+      sequences and pooled axes. It maximises the expected log-likelihood
+      ``E_q[log Normal(x | x_mean(z), sigma)]`` over ``sigma``;
+    * ``"plugin"``: the RMS residual of the posterior-mean reconstruction ``E_q[x_mean]``.
+
+    The default was chosen by the 90% predictive coverage on the test split of the
+    benchmark runs (``benchmarks/calibration.py``, ``benchmarks/RESULTS.md``, "Calibrated
+    posteriors"): pendulum 0.915 with either, advection-diffusion 0.888 (ml) against 0.887
+    (plugin). The two differ by the posterior variance of ``x_mean``, which is small for
+    these amortized posteriors; ``ml`` is the likelihood's own choice.
+
+    Args:
+        x: observations ``(N, *event)``.
+        x_mean: draws of the reconstruction ``(S, N, *event)``.
+        observation_dims: the model's ``observation_dims``, which decide the channels.
+        method: the estimate :attr:`NoiseEstimate.sigma` returns.
+        sigma_model: the model's training noise scale (recorded for reference).
+        split: the split ``x`` comes from (recorded).
+    """
+    if x_mean.dim() != x.dim() + 1 or x_mean.shape[1:] != x.shape:
+        raise ValueError(f"need draws x_mean (S, *x.shape) for x {tuple(x.shape)}, got "
+                         f"{tuple(x_mean.shape)}")
+    axes = noise_channel_axes(x.shape[1:], observation_dims)
+    return noise_from_moments(residual_moments(x, x_mean, axes), residual_moments(x, x_mean.mean(0), axes),
+                              event_shape=x.shape[1:], channel_axes=axes, observation_dims=observation_dims,
+                              method=method, sigma_model=sigma_model, split=split)
+
+
+@torch.no_grad()
+def with_noise(draws: dict[str, Tensor], x: Tensor, noise: NoiseEstimate | None, *,
+               obs_site: str = "x", seed: int = 0) -> dict[str, Tensor]:
+    """Draws of :func:`sample_posterior` with the posterior predictive and the pointwise
+    log-likelihood recomputed with the fitted noise ``noise`` (the Normal observation model
+    around ``x_mean``): ``x_rep ~ Normal(x_mean, sigma)`` replaces ``draws[obs_site]`` and
+    ``sum_event log Normal(x | x_mean, sigma)`` ``(S, N)`` replaces ``"log_likelihood"``; the
+    model's own are kept as ``"<obs_site>_raw"`` and ``"log_likelihood_raw"``. ``None``: the
+    draws as they are (no ``_raw`` entries)."""
+    if noise is None:
+        return dict(draws)
+    if tuple(x.shape[1:]) != noise.event_shape:
+        raise ValueError(f"the noise was fitted to observations of shape {noise.event_shape}, "
+                         f"not {tuple(x.shape[1:])}")
+    mean = draws["x_mean"]
+    scale = noise.scale().to(dtype=mean.dtype, device=mean.device)
+    gen = torch.Generator(device=mean.device).manual_seed(seed)
+    out = dict(draws)
+    out[f"{obs_site}_raw"], out["log_likelihood_raw"] = draws[obs_site], draws["log_likelihood"]
+    out[obs_site] = mean + scale * torch.randn(mean.shape, generator=gen, dtype=mean.dtype,
+                                               device=mean.device)
+    event = tuple(range(2, mean.dim()))
+    out["log_likelihood"] = torch.distributions.Normal(mean, scale).log_prob(x).sum(event)
+    return out
+
+
+def split_chains(n_draws: int, chains: int = 4, min_draws: int = 4) -> int:
+    """The most chains, up to ``chains``, into which ``n_draws`` independent draws split
+    evenly with at least ``min_draws`` draws each (ArviZ's shape validation for R-hat and
+    ESS wants two chains of four draws); 1 where none does."""
+    for c in range(min(chains, n_draws // min_draws), 1, -1):
+        if n_draws % c == 0:
+            return c
+    return 1
+
+
+def loo_report(idata: az.InferenceData, var_name: str | None = None) -> dict[str, float]:
+    """PSIS-LOO and WAIC of an InferenceData's pointwise (per-sequence) log-likelihood.
+
+    Returns ``elpd_loo`` with its standard error ``se_loo`` and ``p_loo``; the shares of
+    sequences whose Pareto shape ``k`` exceeds 0.7 (``pareto_k_gt_0.7``: the importance
+    weights are unreliable there) and 1 (``pareto_k_gt_1``); ``elpd_waic``, ``se_waic``,
+    ``p_waic``; ``n_sequences`` and ``n_draws`` [nats per data set, not per sequence].
+    ArviZ's warnings about large ``k`` or WAIC's variance are silenced: the shares say it.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loo = az.loo(idata, pointwise=True, var_name=var_name)
+        waic = az.waic(idata, var_name=var_name)
+    k = np.asarray(loo.pareto_k)
+    return {"elpd_loo": float(loo.elpd_loo), "se_loo": float(loo.se), "p_loo": float(loo.p_loo),
+            "pareto_k_gt_0.7": float(np.mean(k > 0.7)), "pareto_k_gt_1": float(np.mean(k > 1.0)),
+            "pareto_k_max": float(np.nanmax(k)),
+            "elpd_waic": float(waic.elpd_waic), "se_waic": float(waic.se), "p_waic": float(waic.p_waic),
+            "n_sequences": int(k.size), "n_draws": int(loo.n_samples)}
+
+
+def raw_loo_report(idata: az.InferenceData) -> dict[str, float] | None:
+    """:func:`loo_report` of the raw (model-noise) log-likelihood that
+    :func:`draws_to_inference_data` keeps in the posterior group; ``None`` if it has none."""
+    if "log_likelihood_raw" not in idata.posterior:
+        return None
+    raw = az.InferenceData(posterior=idata.posterior[["log_likelihood_raw"]],
+                           log_likelihood=idata.posterior[["log_likelihood_raw"]])
+    return loo_report(raw)
+
+
+def plot_pareto_k(idata: az.InferenceData, path, title: str = "") -> None:
+    """The Pareto shape ``k`` of each sequence's PSIS-LOO weights (``az.plot_khat``), with
+    the 0.7 and 1 thresholds."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loo = az.loo(idata, pointwise=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    az.plot_khat(loo, ax=ax, show_hlines=True, hlines_kwargs={"hlines": [0.7, 1.0], "color": "C3"})
+    ax.set_title(title or f"PSIS-LOO: {np.mean(np.asarray(loo.pareto_k) > 0.7):.1%} of k > 0.7",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # -- calibration ------------------------------------------------------------------------------
@@ -342,6 +636,174 @@ def interval_widening(samples: Tensor, truth: Tensor | np.ndarray, level: float 
     n = factors.numel()
     k = min(n, math.ceil((n + 1) * level)) - 1
     return max(float(factors[k]), 1e-6)
+
+
+#: Split-conformal recalibrations of a scalar parameter's posterior intervals (see
+#: :func:`fit_interval_calibration`).
+INTERVAL_METHODS = ("residual", "widen", "rescale+widen", "seq-rescale+widen")
+#: The default, chosen by interval width at 90% coverage on the benchmark runs' test splits
+#: (``benchmarks/calibration.py``; ``benchmarks/RESULTS.md``, "Calibrated posteriors").
+DEFAULT_INTERVAL_METHOD = "residual"
+
+
+def _wrap(value: Tensor, period: float) -> Tensor:
+    """Angles (differences) to ``[-period / 2, period / 2)``."""
+    return torch.remainder(value + period / 2, period) - period / 2
+
+
+def _conformal_quantile(scores: Tensor, level: float) -> float:
+    """The ``ceil((n + 1) level)``-th smallest of ``n`` scores (the largest if that is past
+    ``n``): a new exchangeable score is below it with probability at least ``level``."""
+    v = scores.flatten().sort().values
+    n = v.numel()
+    return float(v[min(n, math.ceil((n + 1) * level)) - 1])
+
+
+def posterior_offsets(samples: Tensor, truth: Tensor | np.ndarray | None = None,
+                      period: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Draws ``(S, N)`` and truths ``(N,)`` as offsets from each row's centre.
+
+    Returns ``(centre (N,), draws - centre (S, N), truth - centre (N,) or None)``; the centre
+    is the posterior median, or for an angle with ``period`` its circular mean, the offsets
+    then wrapped to ``[-period / 2, period / 2)``.
+    """
+    if samples.dim() != 2:
+        raise ValueError(f"need draws (S, N) of one scalar parameter, got {tuple(samples.shape)}")
+    if period is None:
+        centre = samples.median(0).values
+        rel = samples - centre
+    else:
+        phase = 2 * math.pi * samples / period
+        centre = torch.atan2(torch.sin(phase).mean(0), torch.cos(phase).mean(0)) * period / (2 * math.pi)
+        rel = _wrap(samples - centre, period)
+    if truth is None:
+        return centre, rel, None
+    truth = torch.as_tensor(np.asarray(truth), dtype=samples.dtype, device=samples.device)
+    if truth.shape != samples.shape[1:]:
+        raise ValueError(f"need truth (N,) for draws (S, N), got {tuple(truth.shape)} and "
+                         f"{tuple(samples.shape)}")
+    offset = truth - centre
+    return centre, rel, offset if period is None else _wrap(offset, period)
+
+
+@dataclass
+class IntervalCalibration:
+    """A split-conformal recalibration of central posterior intervals, fitted on held-out
+    truths (:func:`fit_interval_calibration`), for one scalar parameter and one ``level``.
+
+    Methods (:data:`INTERVAL_METHODS`), with ``c`` the row's posterior median (an angle's
+    circular mean) and ``[c + l, c + h]`` its central ``level`` interval:
+
+    * ``"residual"``: ``[c + lower, c + upper]``, the lower and upper conformal quantiles of
+      the signed errors ``truth - c`` (each tail at most ``(1 - level) / 2``): the same width
+      for every row, centred where the errors are (it corrects a shared bias);
+    * ``"widen"``: ``[c + factor l, c + factor h]``, the row's interval stretched about ``c``;
+    * ``"rescale+widen"``: the spread first multiplied by ``rescale`` (the ratio of the
+      fitted to the model's noise scale), then widened. A common rescaling is absorbed by
+      the conformal factor: the intervals are those of ``"widen"``, reported to show it;
+    * ``"seq-rescale+widen"``: the spread of each row multiplied by its own ratio of RMS
+      residual to the model's noise scale (``seq_scale``), then widened.
+
+    Attributes ``factor``, ``rescale``, ``lower``, ``upper`` are in the parameter's units
+    (``factor`` and ``rescale`` dimensionless); ``n``: calibration rows; ``split``: theirs.
+    """
+
+    method: str
+    level: float
+    n: int
+    factor: float = 1.0
+    rescale: float = 1.0
+    lower: float = 0.0
+    upper: float = 0.0
+    split: str | None = None
+
+    def offsets(self, rel: Tensor, seq_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Interval bounds ``(N,)`` as offsets from the centre, from draws' offsets
+        ``rel (S, N)`` (:func:`posterior_offsets`)."""
+        n = rel.shape[1]
+        if self.method == "residual":
+            return rel.new_full((n,), self.lower), rel.new_full((n,), self.upper)
+        lo, hi = central_interval(rel, self.level)
+        scale = self.factor * self.rescale
+        if self.method == "seq-rescale+widen":
+            if seq_scale is None:
+                raise ValueError("seq-rescale+widen needs the rows' seq_scale")
+            scale = scale * seq_scale.to(rel)
+        return lo * scale, hi * scale
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = {"residual": ("lower", "upper"), "widen": ("factor",),
+                "rescale+widen": ("rescale", "factor"), "seq-rescale+widen": ("factor",)}[self.method]
+        return {"method": self.method, "level": self.level, "fitted_on": self.split, "n": self.n,
+                **{k: getattr(self, k) for k in keys}}
+
+
+def fit_interval_calibration(samples: Tensor, truth: Tensor | np.ndarray, *, level: float = 0.9,
+                             method: str = DEFAULT_INTERVAL_METHOD, period: float | None = None,
+                             rescale: float = 1.0, seq_scale: Tensor | None = None,
+                             split: str | None = None) -> IntervalCalibration:
+    """Fit a split-conformal recalibration (:class:`IntervalCalibration`) of the central
+    ``level`` posterior intervals on rows with known truths: posterior draws ``(S, N)`` of
+    one scalar parameter and its true values ``(N,)``, from a split other than the one the
+    intervals are reported on. The recalibrated intervals then cover new exchangeable rows'
+    truths with probability at least ``level``.
+
+    Args:
+        period: the period of an angle (offsets are wrapped); ``None`` for a plain parameter.
+        rescale: ``"rescale+widen"``'s common factor of the spread.
+        seq_scale: ``(N,)`` the rows' factors for ``"seq-rescale+widen"``.
+    """
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"interval method must be one of {INTERVAL_METHODS}, got {method!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be in (0, 1), got {level}")
+    _, rel, offset = posterior_offsets(samples, truth, period)
+    n = int(offset.numel())
+    if method == "residual":
+        tail = (1 + level) / 2
+        return IntervalCalibration(method, level, n, lower=-_conformal_quantile(-offset, tail),
+                                   upper=_conformal_quantile(offset, tail), split=split)
+    cal = IntervalCalibration(method, level, n, rescale=float(rescale) if method == "rescale+widen" else 1.0,
+                              split=split)
+    lo, hi = cal.offsets(rel, seq_scale)
+    half = torch.where(offset >= 0, hi, -lo).clamp_min(1e-12)
+    cal.factor = max(_conformal_quantile(offset.abs() / half, level), 1e-6)
+    return cal
+
+
+def interval_coverage(samples: Tensor, truth: Tensor | np.ndarray,
+                      calibration: IntervalCalibration | None = None, *, level: float = 0.9,
+                      period: float | None = None, seq_scale: Tensor | None = None) -> dict[str, float]:
+    """Coverage of the truths ``(N,)`` by the central ``level`` intervals of draws ``(S, N)``,
+    raw (``calibration=None``) or recalibrated, and their mean width [parameter units]."""
+    _, rel, offset = posterior_offsets(samples, truth, period)
+    if calibration is None:
+        lo, hi = central_interval(rel, level)
+    else:
+        lo, hi = calibration.offsets(rel, seq_scale)
+    return {"coverage": float(((offset >= lo) & (offset <= hi)).float().mean()),
+            "mean_width": float((hi - lo).mean())}
+
+
+def conformal_calibration(cal_samples: Tensor, cal_truth: Tensor | np.ndarray, samples: Tensor,
+                          truth: Tensor | np.ndarray, levels: Sequence[float] = CALIBRATION_LEVELS, *,
+                          method: str = DEFAULT_INTERVAL_METHOD, period: float | None = None,
+                          **fit_kwargs) -> xr.Dataset:
+    """Like :func:`calibration`, with intervals recalibrated by ``method`` fitted afresh at
+    each level on ``cal_samples (S, M)`` / ``cal_truth (M,)`` (a held-out split) and applied
+    to ``samples (S, N)`` / ``truth (N,)``. (``"seq-rescale+widen"``, which needs the rows'
+    scales on both splits, is not offered here.)"""
+    if method == "seq-rescale+widen":
+        raise ValueError("conformal_calibration does not take seq-rescale+widen")
+    coverage, width = [], []
+    for level in levels:
+        cal = fit_interval_calibration(cal_samples, cal_truth, level=level, method=method,
+                                       period=period, **fit_kwargs)
+        r = interval_coverage(samples, truth, cal, level=level, period=period)
+        coverage.append(r["coverage"])
+        width.append(r["mean_width"])
+    return xr.Dataset({"coverage": ("level", coverage), "mean_width": ("level", width)},
+                      coords={"level": list(levels)}, attrs={"method": method, "n": len(np.asarray(truth))})
 
 
 def plot_calibration(tables: dict[str, xr.Dataset], path, title: str = "") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,14 +36,22 @@ from torch import Tensor  # noqa: E402
 from pyro_physvae.autoguides import fit_local_guide, refine_amortized_guide  # noqa: E402
 from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
+    DEFAULT_INTERVAL_METHOD,
     calibration,
     central_interval,
+    conformal_calibration,
     draws_to_inference_data,
+    estimate_noise,
     interval_widening,
     iwae_log_likelihood,
+    loo_report,
     markdown_table,
     plot_calibration,
+    plot_pareto_k,
+    raw_loo_report,
     sample_posterior,
+    split_chains,
+    with_noise,
 )
 from pyro_physvae.figures import (  # noqa: E402
     as_channels,
@@ -52,7 +61,16 @@ from pyro_physvae.figures import (  # noqa: E402
     save_figure,
 )
 from pyro_physvae.files import atomic_write  # noqa: E402
-from pyro_physvae.report import INTERVAL, iwae_summary, parameter_metrics, write_json  # noqa: E402
+from pyro_physvae.report import (  # noqa: E402
+    INTERVAL,
+    Calibration,
+    CalibrationSplit,
+    build_calibration,
+    iwae_summary,
+    parameter_metrics,
+    seq_scale,
+    write_json,
+)
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.systems import System, get_system  # noqa: E402
 from pyro_physvae.train import build_pair, resolve_device  # noqa: E402
@@ -124,21 +142,87 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
 
 
 def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
-                    physics: tuple[str, ...]) -> dict[str, Any]:
-    """Reconstruction MSE of the posterior-mean reconstruction (per element) and, for every
-    physics parameter with a true value in ``ds``, its error, correlation and coverage."""
+                    physics: tuple[str, ...], calibration: Calibration | None = None) -> dict[str, Any]:
+    """Reconstruction MSE of the posterior-mean reconstruction (per element), the coverage
+    of the observations by the central 90% posterior-predictive intervals and, for every
+    physics parameter with a true value in ``ds``, its error, correlation and coverage.
+
+    ``draws`` as :func:`~pyro_physvae.diagnostics.with_noise` leaves them: where they hold
+    raw replicates ``x_raw``, ``predictive_coverage90`` is that of the noise-calibrated
+    replicates ``x`` and ``predictive_coverage90_raw`` that of the model's own noise.
+    ``calibration``: the interval recalibrations fitted on another split (see
+    :func:`~pyro_physvae.report.parameter_metrics`).
+    """
     recon = draws["x_mean"].mean(0)
     out: dict[str, Any] = {"n_sequences": int(x.shape[0]),
                            "recon_mse": float((recon - x).pow(2).mean())}
     if "x_P" in draws:
         out["physics_only_mse"] = float((draws["x_P"].mean(0) - x).pow(2).mean())
         out["physics_only_variance_explained"] = variance_explained(x, draws["x_P"].mean(0))
-    lo, hi = central_interval(draws["x"], INTERVAL)
-    out["predictive_coverage90"] = float(((x >= lo) & (x <= hi)).float().mean())
+    out["predictive_coverage90"] = predictive_coverage(x, draws["x"])
+    out["predictive_coverage90_raw"] = predictive_coverage(x, draws.get("x_raw", draws["x"]))
+    seq = None
+    if calibration is not None and calibration.intervals:
+        seq = seq_scale(x, recon, calibration.seq_scale_model)
     for name in physics:
         if name in ds and name in draws:
-            out[name] = parameter_metrics(draws[name], ds[name].values)
+            out[name] = parameter_metrics(draws[name], ds[name].values, calibration=calibration,
+                                          name=name, seq=seq)
     return out
+
+
+def predictive_coverage(x: Tensor, replicates: Tensor, level: float = INTERVAL) -> float:
+    """Fraction of the elements of ``x (N, *event)`` inside the central ``level`` interval
+    of the replicates ``(S, N, *event)``."""
+    lo, hi = central_interval(replicates, level)
+    return float(((x >= lo) & (x <= hi)).float().mean())
+
+
+def calibration_split(run: Run, split: str, calibrate_on: str | None, data_dir: str | Path | None,
+                      guide_for: Callable[[Tensor], Callable], device: str = "cpu") -> CalibrationSplit:
+    """The split ``calibrate_on`` of the run's data, for calibrating the evaluation of
+    ``split``; a :class:`~pyro_physvae.report.CalibrationSplit` with a ``reason`` and no data
+    when there is none (``None``, the evaluated split itself, or a missing file)."""
+    if calibrate_on is None:
+        return CalibrationSplit(None, reason="calibrate_on=None: raw intervals and predictive only")
+    if calibrate_on == split:
+        return CalibrationSplit(None, reason=f"calibrate_on is the evaluated split {split!r}: a split "
+                                             "calibration needs another; raw only")
+    try:
+        cal_ds = run.load(calibrate_on, data_dir)
+    except FileNotFoundError as err:
+        return CalibrationSplit(None, reason=f"no {calibrate_on!r} split to calibrate on ({err}); raw only")
+    x_cal = run.system.observations(cal_ds, device)
+    return CalibrationSplit(calibrate_on, cal_ds, x_cal, guide=lambda: guide_for(x_cal))
+
+
+def fit_calibration(run: Run, cal: CalibrationSplit, num_samples: int, seed: int = 0) -> Calibration:
+    """Fit the observation noise and the physics-parameter interval recalibrations on the
+    calibration split ``cal`` from ``num_samples`` posterior draws per sequence (see
+    :func:`~pyro_physvae.diagnostics.estimate_noise`,
+    :func:`~pyro_physvae.report.build_calibration`); its wall time, the guide's fit
+    included, is recorded. Without a split: raw only, with ``cal.reason`` as the note."""
+    if cal.dataset is None:
+        return Calibration(None, notes=[cal.reason or "not calibrated"])
+    start = time.perf_counter()
+    model = run.model
+    draws = sample_posterior(model, cal.guide(), cal.x, num_samples, seed=seed + 1)
+    sigma_model = float(model.noise_scale())
+    noise = estimate_noise(cal.x, draws["x_mean"], observation_dims=getattr(model, "observation_dims", None),
+                           sigma_model=sigma_model, split=cal.name)
+    physics = physics_names(model)
+    truths = {p: cal.dataset[p].values for p in physics if p in cal.dataset}
+    result = build_calibration(cal.name, noise, {p: draws[p] for p in physics if p in draws}, truths,
+                               seq=seq_scale(cal.x, draws["x_mean"], sigma_model),
+                               missing=tuple(p for p in physics if p not in cal.dataset))
+    result.seq_scale_model = sigma_model
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def calibration_report(cal: Calibration) -> dict[str, Any]:
+    """The metrics' ``calibration_fit`` entry and ``notes`` sentence of a calibration."""
+    return {"calibration_fit": cal.to_dict(), "notes": " ".join(cal.notes)}
 
 
 def variance_explained(x: Tensor, curve: Tensor) -> float:
@@ -202,7 +286,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
              num_samples: int = 100, out_dir: str | Path | None = None,
              checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
              guide_steps: int = 1000, iwae_particles: int = 50,
-             refine_steps: int = 0) -> dict[str, Any]:
+             refine_steps: int = 0, calibrate_on: str | None = "valid") -> dict[str, Any]:
     """Evaluate a run on a split: writes ``metrics.json`` and figures to ``out_dir``
     (default ``run_dir/eval-<split>``) and returns the metrics, among them the mean IWAE
     log-likelihood per sequence (``iwae_particles`` importance samples), which compares
@@ -210,23 +294,52 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     amortized run's posterior is refined per sequence for ``refine_steps`` steps if that is
     positive (semi-amortized inference; ``0``: the encoder's posterior as it is).
 
+    Calibration (``calibrate_on``, default the validation split; ``None``: raw only): the
+    observation noise is fitted there (:func:`~pyro_physvae.diagnostics.estimate_noise`)
+    and used for the posterior predictive (``predictive_coverage90``, the bands of the
+    reconstruction figure), and where that split has true physics parameters their
+    intervals are recalibrated there (split-conformal,
+    :data:`~pyro_physvae.diagnostics.DEFAULT_INTERVAL_METHOD`) and applied to ``split``
+    (``coverage90``, ``interval_width``). The raw figures stay as ``..._raw``; the
+    ``calibration`` entry records the noise, the fits, their cost in seconds (the extra
+    posterior draws of the calibration split) and ``notes`` says why raw intervals are
+    narrow, or what could not be calibrated.
+
     The evaluation is the system's ``evaluator`` where it has one, else
-    :func:`default_evaluator`.
+    :func:`default_evaluator`; an evaluator that takes no ``calibration`` keyword is run
+    uncalibrated, with a warning.
     """
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = run.load(split, data_dir)
     x = run.system.observations(ds, device)
-    guide = run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
+    refine = run.applied_refine_steps(refine_steps)
+
+    def guide_for(xs: Tensor) -> Callable:
+        return run.guide_for(xs, steps=guide_steps, seed=seed, refine_steps=refine_steps)
+
+    guide = guide_for(x)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
     evaluator = run.system.evaluator or default_evaluator
+    kwargs: dict[str, Any] = {}
+    if _accepts(evaluator, "calibration"):
+        kwargs["calibration"] = calibration_split(run, split, calibrate_on, data_dir, guide_for, device)
+    elif calibrate_on is not None:
+        warnings.warn(f"the {run.system.name} system's evaluator takes no calibration= keyword: "
+                      "its metrics are not calibrated", stacklevel=2)
     return evaluator(run, guide, ds, x, out, split=split, num_samples=num_samples,
-                     iwae_particles=iwae_particles, seed=seed,
-                     refine_steps=run.applied_refine_steps(refine_steps))
+                     iwae_particles=iwae_particles, seed=seed, refine_steps=refine, **kwargs)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (or any keyword)."""
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out: Path, *,
                       split: str = "test", num_samples: int = 100, iwae_particles: int = 50,
-                      seed: int = 0, refine_steps: int = 0) -> dict[str, Any]:
+                      seed: int = 0, refine_steps: int = 0,
+                      calibration: CalibrationSplit | None = None) -> dict[str, Any]:
     """The evaluation of a system without its own ``evaluator``.
 
     From ``num_samples`` posterior draws of ``guide`` on the observations ``x (N, *event)``
@@ -234,14 +347,19 @@ def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out:
     particles), the latents' correlations with the system's ``covariates`` and the system's
     ``extra_metrics``; writes ``metrics.json``, ``reconstructions.png`` (see
     :func:`plot_reconstructions`) and ``<parameter>.png`` per physics parameter with a truth
-    to ``out``. ``refine_steps`` (already given to ``guide``) is recorded. Returns the metrics.
+    to ``out``. ``refine_steps`` (already given to ``guide``) is recorded. ``calibration``:
+    the split to calibrate noise and intervals on (see :func:`evaluate`; ``None``: raw
+    only). Returns the metrics.
     """
     system, model = run.system, run.model
-    draws = sample_posterior(model, guide, x, num_samples, seed=seed)
+    cal = fit_calibration(run, calibration or CalibrationSplit(None, reason="not calibrated"),
+                          num_samples, seed)
+    draws = with_noise(sample_posterior(model, guide, x, num_samples, seed=seed), x, cal.noise, seed=seed)
     physics = physics_names(model)
     iwae = iwae_log_likelihood(model, guide, x, iwae_particles, seed=seed)
-    metrics = {**_header(run, split, num_samples, refine_steps), **compute_metrics(ds, x, draws, physics),
-               "iwae_log_likelihood": iwae_summary(iwae)}
+    metrics = {**_header(run, split, num_samples, refine_steps),
+               **compute_metrics(ds, x, draws, physics, cal),
+               "iwae_log_likelihood": iwae_summary(iwae), **calibration_report(cal)}
     if system.covariates:
         metrics["latent_correlations"] = latent_correlations(draws, ds, system.covariates,
                                                              tuple(model.latent_sites))
@@ -251,7 +369,8 @@ def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out:
     for name in physics:
         if name in ds:
             plot_parameter(ds[name].values, draws[name], name, out / f"{name}.png",
-                           units=ds[name].attrs.get("units", ""))
+                           units=ds[name].attrs.get("units", ""),
+                           calibration=cal.intervals.get(name))
     write_json(metrics, out / "metrics.json")
     return metrics
 
@@ -259,19 +378,33 @@ def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out:
 def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
              num_samples: int = 200, iwae_particles: int = 100, calibrate_on: str | None = "valid",
              out_dir: str | Path | None = None, checkpoint: str = "best.pt", seed: int = 0,
-             guide_steps: int = 1000, refine_steps: int = 0) -> dict[str, Any]:
+             guide_steps: int = 1000, refine_steps: int = 0, chains: int = 4) -> dict[str, Any]:
     """Posterior diagnostics of a run on a split, written to ``out_dir``
     (default ``run_dir/diagnose-<split>``):
 
     * ``inference_data.nc``: ArviZ InferenceData (posterior, posterior_predictive,
-      log_likelihood, observed_data, constant_data);
-    * ``summary.csv``: ``az.summary`` of the physics parameters per sequence;
-    * ``calibration.csv`` / ``.md`` and ``calibration.png``: coverage of central intervals of
-      each physics parameter at several levels, raw and, when ``calibrate_on`` names a split
-      with true values, with intervals widened by the factor that gives 90% coverage there;
+      log_likelihood, observed_data, constant_data). With a calibration split, the
+      posterior predictive and the per-sequence ``log_likelihood`` (summed over the event
+      dims) use the noise fitted there (:func:`~pyro_physvae.diagnostics.estimate_noise`),
+      so that ``az.loo``, ``az.waic`` and ``az.compare`` work on it; the model's own
+      per-sequence log-likelihood is the posterior variable ``log_likelihood_raw``. The
+      ``num_samples`` independent draws are split into up to ``chains`` chains
+      (:func:`~pyro_physvae.diagnostics.split_chains`), so that ``az.summary`` runs its
+      R-hat/ESS without shape-validation errors;
+    * ``summary.csv``: ``az.summary(kind="stats")`` of the physics parameters per sequence
+      (R-hat and ESS of independent draws say nothing of convergence);
+    * ``calibration.csv`` / ``.md`` and ``calibration_<parameter>.png``: coverage of central
+      intervals of each physics parameter at several levels: raw and, when ``calibrate_on``
+      names a split with true values, widened by the factor that gives 90% coverage there
+      and recalibrated by the default method fitted there at each level;
+    * ``pareto_k.png``: the Pareto shape of each sequence's PSIS-LOO weights;
     * ``posterior.png`` (forest plot with the truth), ``ppc.png`` (``az.plot_ppc``),
       ``reconstructions.png`` (posterior-predictive bands over time);
-    * ``diagnostics.json``: reconstruction metrics, IWAE test log-likelihood, coverages.
+    * ``diagnostics.json``: reconstruction metrics, IWAE test log-likelihood, coverages
+      (calibrated and raw), ``loo`` (``elpd_loo``, its ``se_loo``, ``p_loo``, the shares of
+      Pareto ``k`` above 0.7 and 1, ``elpd_waic``; see
+      :func:`~pyro_physvae.diagnostics.loo_report`) and ``loo_raw`` with the model's noise,
+      the fitted noise and the calibration's cost in seconds.
 
     An AutoGuide run fits its guide on each split first (``guide_steps`` steps); an amortized
     run's posterior is refined per sequence on each split for ``refine_steps`` steps if that
@@ -284,13 +417,16 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     def guide_for(x: Tensor) -> Callable:
         return run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
 
+    cal_split = calibration_split(run, split, calibrate_on, data_dir, guide_for)
+    cal = fit_calibration(run, cal_split, num_samples, seed)
     guide = guide_for(x)
-    draws = sample_posterior(run.model, guide, x, num_samples, seed=seed)
+    draws = with_noise(sample_posterior(run.model, guide, x, num_samples, seed=seed), x, cal.noise, seed=seed)
     physics = physics_names(run.model)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"diagnose-{split}"
     out.mkdir(parents=True, exist_ok=True)
 
-    idata = draws_to_inference_data(draws, x, dataset=ds)
+    idata = draws_to_inference_data(draws, x, dataset=ds, chains=split_chains(num_samples, chains),
+                                    noise=cal.noise)
     atomic_write(out / "inference_data.nc", idata.to_netcdf)
     if physics:
         summary = az.summary(idata, var_names=list(physics), kind="stats", hdi_prob=INTERVAL)
@@ -298,11 +434,12 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
     report: dict[str, Any] = {
         **_header(run, split, num_samples, run.applied_refine_steps(refine_steps)),
-        "guide": run.guide_kind, **compute_metrics(ds, x, draws, physics),
+        "guide": run.guide_kind, **compute_metrics(ds, x, draws, physics, cal),
         "iwae_log_likelihood": iwae_summary(iwae),
+        "loo": loo_report(idata), "loo_raw": raw_loo_report(idata), **calibration_report(cal),
     }
-    report["calibration"] = _calibrate(run, draws, ds, physics, data_dir, calibrate_on, num_samples,
-                                       guide_for, seed, out)
+    plot_pareto_k(idata, out / "pareto_k.png")
+    report["calibration"] = _calibrate(run, draws, ds, physics, cal, out)
     plot_reconstructions(run.system, ds, x, draws, out / "reconstructions.png")
     _plot_forest(idata, physics, ds, out / "posterior.png")
     az.plot_ppc(idata, num_pp_samples=min(50, num_samples), random_seed=seed)
@@ -312,29 +449,26 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
 
 
 def _calibrate(run: Run, draws: dict[str, Tensor], ds: xr.Dataset, physics: tuple[str, ...],
-               data_dir: str | Path | None, calibrate_on: str | None, num_samples: int,
-               guide_for: Callable[[Tensor], Callable], seed: int, out: Path) -> dict[str, Any]:
+               cal: Calibration, out: Path) -> dict[str, Any]:
     """Calibration tables of every physics parameter with a truth; see :func:`diagnose`.
-    ``guide_for(x)`` gives the guide for the calibration split's sequences ``x``."""
+    ``cal`` holds the calibration split's draws and truths (from :func:`fit_calibration`)."""
     names = [p for p in physics if p in ds]
     if not names:
         return {}
-    held_out = None
-    if calibrate_on is not None and calibrate_on != ds.attrs.get("split"):
-        cal_ds = run.load(calibrate_on, data_dir)
-        if all(p in cal_ds for p in names):
-            x_cal = run.system.observations(cal_ds)
-            guide = guide_for(x_cal)
-            held_out = (cal_ds, sample_posterior(run.model, guide, x_cal, num_samples, seed=seed + 1))
     result, rows = {}, []
     for name in names:
         tables = {"posterior": calibration(draws[name], ds[name].values)}
         entry: dict[str, Any] = {"coverage": _coverage_by_level(tables["posterior"])}
-        if held_out is not None:
-            factor = interval_widening(held_out[1][name], held_out[0][name].values, INTERVAL)
+        if name in cal.truths:
+            held_out, truth_cal = cal.samples[name], cal.truths[name]
+            factor = interval_widening(held_out, truth_cal, INTERVAL)
             widened = calibration(draws[name], ds[name].values, widen=factor)
-            tables[f"widened x{factor:.3g} on {calibrate_on}"] = widened
-            entry.update(widening_factor=factor, widened_coverage=_coverage_by_level(widened))
+            tables[f"widened x{factor:.3g} on {cal.split}"] = widened
+            recal = conformal_calibration(held_out, truth_cal, draws[name], ds[name].values)
+            tables[f"{DEFAULT_INTERVAL_METHOD} conformal on {cal.split}"] = recal
+            entry.update(widening_factor=factor, widened_coverage=_coverage_by_level(widened),
+                         calibrated_method=DEFAULT_INTERVAL_METHOD,
+                         calibrated_coverage=_coverage_by_level(recal))
         for label, table in tables.items():
             rows += [{"parameter": name, "intervals": label, "level": float(r.level),
                       "coverage": float(r.coverage), "mean_width": float(r.mean_width)}

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from pyro_physvae.diagnostics import central_interval  # noqa: E402
+from pyro_physvae.diagnostics import IntervalCalibration, central_interval, posterior_offsets  # noqa: E402
 from pyro_physvae.report import INTERVAL  # noqa: E402
 
 
@@ -130,7 +130,10 @@ def plot_channel_reconstructions(ds: xr.Dataset, x: Tensor, draws: Mapping[str, 
     Args:
         ds: the data set of ``x`` (labels, coordinates and units are read off ``ds["x"]``).
         x: observations ``(N, *channels, T)``.
-        draws: ``x`` (replicates), ``x_mean`` and optionally ``x_P``, each ``(S, N, *channels, T)``.
+        draws: ``x`` (replicates), ``x_mean`` and optionally ``x_P``, each ``(S, N, *channels, T)``;
+            where they also hold the raw replicates ``x_raw`` (see
+            :func:`~pyro_physvae.diagnostics.with_noise`), ``x`` carries the noise fitted after
+            training and the band is labelled so.
         path: the PNG file to write.
         n: sequences drawn (default: 9 for a single series, fewer with more channels).
         channel_names: a name per flattened channel (default: from ``ds``'s coordinates).
@@ -152,7 +155,7 @@ def plot_channel_reconstructions(ds: xr.Dataset, x: Tensor, draws: Mapping[str, 
     fig, axes = _panel_grid(len(panels), shown if shown > 1 else min(3, n))
     for ax, (i, c) in zip(axes.flat, panels, strict=False):
         ax.fill_between(t, _numpy(lo[i, c]), _numpy(hi[i, c]), color="C0", alpha=0.25,
-                        label=f"{INTERVAL:.0%} predictive")
+                        label=f"{INTERVAL:.0%} predictive" + (" (fitted noise)" if "x_raw" in draws else ""))
         ax.plot(t, _numpy(recon[i, c]), color="C0", label="reconstruction")
         if phys is not None:
             ax.plot(t, _numpy(phys[i, c]), "--", color="C2", label="physics only")
@@ -213,18 +216,32 @@ def plot_field_reconstructions(ds: xr.Dataset, x: Tensor, draws: Mapping[str, Te
 
 
 # -- parameters and counterfactuals -------------------------------------------------------------
-def plot_parameter(truth: np.ndarray, samples: Tensor, name: str, path: Path, units: str = "") -> Path:
+def plot_parameter(truth: np.ndarray, samples: Tensor, name: str, path: Path, units: str = "",
+                   calibration: IntervalCalibration | None = None) -> Path:
     """Posterior mean with central 90% intervals of a physics parameter (``samples (S, N)``)
-    against its true value ``(N,)``; the diagonal is perfect recovery."""
+    against its true value ``(N,)``; the diagonal is perfect recovery. With
+    ``calibration`` (fitted on another split), the recalibrated intervals are drawn too,
+    light, behind the raw ones."""
     mean = _numpy(samples.mean(0))
     lo, hi = (_numpy(v) for v in central_interval(samples, INTERVAL))
     fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.errorbar(truth, mean, yerr=[mean - lo, hi - mean], fmt=".", ms=3, alpha=0.5, elinewidth=0.5)
-    edge = [min(truth.min(), lo.min()), max(truth.max(), hi.max())]
+    lows, highs = [lo], [hi]
+    if calibration is not None:
+        centre, rel, _ = posterior_offsets(samples)
+        c_lo, c_hi = (_numpy(centre + v) for v in calibration.offsets(rel))
+        ax.vlines(truth, c_lo, c_hi, alpha=0.15, lw=0.5, color="C1",
+                  label=f"calibrated ({calibration.method})")
+        lows.append(c_lo)
+        highs.append(c_hi)
+    ax.errorbar(truth, mean, yerr=[mean - lo, hi - mean], fmt=".", ms=3, alpha=0.5, elinewidth=0.5,
+                color="C0", label="raw posterior")
+    edge = [min(truth.min(), *(v.min() for v in lows)), max(truth.max(), *(v.max() for v in highs))]
     ax.plot(edge, edge, "k--", lw=1)
     unit = f" [{units}]" if units else ""
     ax.set_xlabel(f"true {name}{unit}")
     ax.set_ylabel(f"inferred {name}{unit} (mean, 90% interval)")
+    if calibration is not None:
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

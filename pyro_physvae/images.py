@@ -17,6 +17,7 @@ are compared modulo that period: an ellipse at ``theta`` is the same at ``theta 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,28 @@ import xarray as xr  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from pyro_physvae.data.galaxy import pixel_grid, rotate_images  # noqa: E402
-from pyro_physvae.diagnostics import iwae_log_likelihood, sample_posterior  # noqa: E402
+from pyro_physvae.diagnostics import (  # noqa: E402
+    NoiseEstimate,
+    iwae_log_likelihood,
+    noise_channel_axes,
+    noise_from_moments,
+    residual_moments,
+    sample_posterior,
+    with_noise,
+)
 from pyro_physvae.figures import plot_parameter, save_figure  # noqa: E402
 from pyro_physvae.regularizers import wrapped_error  # noqa: E402
-from pyro_physvae.report import INTERVAL, iwae_summary, parameter_metrics, write_json  # noqa: E402
+from pyro_physvae.report import (  # noqa: E402
+    INTERVAL,
+    Calibration,
+    CalibrationSplit,
+    build_calibration,
+    interval_metrics,
+    iwae_summary,
+    parameter_metrics,
+    seq_scale,
+    write_json,
+)
 
 #: Images per chunk of posterior sampling (bounds memory: draws x chunk x image).
 CHUNK = 25
@@ -72,49 +91,64 @@ def error_concentration(estimate: np.ndarray, truth: np.ndarray, period: float) 
     return float(np.abs(np.exp(1j * phase).mean()))
 
 
-def angle_metrics(samples: Tensor, truth: np.ndarray, period: float, level: float = INTERVAL
-                  ) -> dict[str, float]:
+def angle_metrics(samples: Tensor, truth: np.ndarray, period: float, level: float = INTERVAL,
+                  calibration: Calibration | None = None, name: str = "",
+                  seq: Tensor | None = None) -> dict[str, Any]:
     """Errors of the posterior circular mean of an angle against the truth, modulo
     ``period``: MAE, RMSE, median absolute error (also in degrees), circular correlation and
     error concentration;
     coverage and mean width of the central ``level`` interval of the draws around their mean
-    direction. ``samples (S, N)``, ``truth (N,)``."""
+    direction, recalibrated where ``calibration`` has a fit for ``name`` and raw
+    (``..._raw``; see :func:`pyro_physvae.report.interval_metrics`). ``samples (S, N)``,
+    ``truth (N,)``; ``seq (N,)``: the rows' spread factors for ``"seq-rescale+widen"``."""
     truth_t = torch.as_tensor(np.asarray(truth), dtype=samples.dtype)
     mean = circular_mean(samples, period)
     err = wrapped_error(mean - truth_t, period).abs()
-    spread = wrapped_error(samples - mean, period)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=samples.dtype)
-    lo, hi = torch.quantile(spread, q, dim=0)
-    offset = wrapped_error(truth_t - mean, period)
     deg = 360.0 / (2 * math.pi)
     return {"mae": float(err.mean()), "rmse": float(err.pow(2).mean().sqrt()),
             "median_abs_error": float(err.median()), "mae_deg": float(err.mean()) * deg,
             "median_abs_error_deg": float(err.median()) * deg,
             "corr": circular_correlation(mean.numpy(), truth, period),
             "error_concentration": error_concentration(mean.numpy(), truth, period),
-            f"coverage{int(level * 100)}": float(((offset >= lo) & (offset <= hi)).float().mean()),
-            "interval_width": float((hi - lo).mean()), "period": float(period)}
+            **interval_metrics(samples, np.asarray(truth), calibration, name, level=level, period=period,
+                               seq=seq),
+            "period": float(period)}
 
 
-def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None) -> dict[str, float]:
+def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None,
+                      calibration: Calibration | None = None, name: str = "",
+                      seq: Tensor | None = None) -> dict[str, Any]:
     """Metrics of one physics parameter: :func:`angle_metrics` for an angle, else those of
-    :func:`pyro_physvae.report.parameter_metrics` plus the median absolute error."""
+    :func:`pyro_physvae.report.parameter_metrics` plus the median absolute error; intervals
+    recalibrated by ``calibration``'s fit for ``name`` where it has one."""
     if period is not None:
-        return angle_metrics(samples, truth, period)
-    out = parameter_metrics(samples, truth)
+        return angle_metrics(samples, truth, period, calibration=calibration, name=name, seq=seq)
+    out = parameter_metrics(samples, truth, calibration=calibration, name=name, seq=seq)
     out["median_abs_error"] = float(np.median(np.abs(samples.mean(0).numpy() - truth)))
     return out
 
 
 # -- streamed posterior summaries ---------------------------------------------------------------
 def posterior_summaries(model: Callable, guide: Callable, x: Tensor, num_samples: int, *,
-                        seed: int = 0, chunk: int = CHUNK) -> dict[str, Tensor]:
+                        seed: int = 0, chunk: int = CHUNK, noise: NoiseEstimate | None = None
+                        ) -> dict[str, Tensor]:
     """Posterior draws of every latent ``(S, N, ...)``, the posterior-mean images
     ``x_mean`` (and ``x_P`` where the model has it) ``(N, *event)`` and, per image, the
-    fraction of pixels inside the central 90% posterior-predictive interval ``(N,)``,
-    computed ``chunk`` images at a time."""
+    fraction of pixels inside the central 90% posterior-predictive interval ``(N,)``
+    (``predictive_coverage``: with the fitted ``noise`` where given, see
+    :func:`~pyro_physvae.diagnostics.with_noise`; ``predictive_coverage_raw``: with the
+    model's own) and the mean squared residual of the draws per band ``resid_ml (N, C)``
+    (:func:`~pyro_physvae.diagnostics.residual_moments`, channels as
+    :func:`~pyro_physvae.diagnostics.noise_channel_axes` has them), computed ``chunk`` images
+    at a time."""
     parts: list[dict[str, Tensor]] = []
     k_lo, k_hi = round((1 - INTERVAL) / 2 * (num_samples - 1)), round((1 + INTERVAL) / 2 * (num_samples - 1))
+    axes = noise_channel_axes(x.shape[1:], getattr(model, "observation_dims", None))
+
+    def coverage(xb: Tensor, replicates: Tensor) -> Tensor:
+        ranked = replicates.sort(0).values  # nearest-rank quantiles over the draws
+        return ((xb >= ranked[k_lo]) & (xb <= ranked[k_hi])).flatten(1).float().mean(1)
+
     for i, start in enumerate(range(0, x.shape[0], chunk)):
         xb = x[start:start + chunk]
         draws = sample_posterior(model, guide, xb, num_samples, batch_size=None, seed=seed + i)
@@ -122,12 +156,42 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor, num_samples
         part["x_mean"] = draws["x_mean"].mean(0)
         if "x_P" in draws:
             part["x_P"] = draws["x_P"].mean(0)
-        ranked = draws["x"].sort(0).values  # nearest-rank quantiles over the draws
-        inside = (xb >= ranked[k_lo]) & (xb <= ranked[k_hi])
-        part["predictive_coverage"] = inside.flatten(1).float().mean(1)
+        part["resid_ml"] = residual_moments(xb, draws["x_mean"], axes)
+        part["predictive_coverage_raw"] = coverage(xb, draws["x"])
+        if noise is not None:
+            draws = with_noise(draws, xb, noise, seed=seed + i)
+        part["predictive_coverage"] = coverage(xb, draws["x"])
         parts.append(part)
-    per_image = ("x_mean", "x_P", "predictive_coverage")  # (N, ...); the latents are (S, N, ...)
+    per_image = ("x_mean", "x_P", "predictive_coverage", "predictive_coverage_raw", "resid_ml")
+    # per_image entries are (N, ...); the latents are (S, N, ...)
     return {k: torch.cat([p[k] for p in parts], dim=0 if k in per_image else 1) for k in parts[0]}
+
+
+def fit_image_calibration(run: Any, cal: CalibrationSplit, num_samples: int, seed: int = 0) -> Calibration:
+    """:func:`pyro_physvae.evaluate.fit_calibration` for images, streamed: the noise per
+    band and the physics parameters' interval recalibrations (angles modulo their period)
+    fitted on the calibration split ``cal``, and the wall time it took."""
+    if cal.dataset is None:
+        return Calibration(None, notes=[cal.reason or "not calibrated"])
+    start = time.perf_counter()
+    model, x = run.model, cal.x
+    summary = posterior_summaries(model, cal.guide(), x, num_samples, seed=seed + 1000)
+    dims = getattr(model, "observation_dims", None)
+    axes = noise_channel_axes(x.shape[1:], dims)
+    sigma_model = float(model.noise_scale())
+    noise = noise_from_moments(summary["resid_ml"], residual_moments(x, summary["x_mean"], axes),
+                               event_shape=x.shape[1:], channel_axes=axes, observation_dims=dims,
+                               sigma_model=sigma_model, split=cal.name)
+    names = [p.name for p in model.physics_parameters]
+    result = build_calibration(
+        cal.name, noise, {n: summary[n] for n in names if n in summary},
+        {n: cal.dataset[n].values for n in names if n in cal.dataset},
+        periods={p.name: getattr(p, "period", None) for p in model.physics_parameters},
+        seq=seq_scale(x, summary["x_mean"], sigma_model),
+        missing=tuple(n for n in names if n not in cal.dataset))
+    result.seq_scale_model = sigma_model
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 # -- decoding helpers -----------------------------------------------------------------------------
@@ -352,13 +416,19 @@ def plot_parameter_recovery(summary: Mapping[str, Tensor], ds: xr.Dataset, model
 # -- the whole evaluation ---------------------------------------------------------------------------
 def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: Path, *, split: str = "test",
                     num_samples: int = 100, iwae_particles: int = 50, seed: int = 0,
-                    n_traversal: int = 16, refine_steps: int = 0) -> dict[str, Any]:
+                    n_traversal: int = 16, refine_steps: int = 0,
+                    calibration: CalibrationSplit | None = None) -> dict[str, Any]:
     """Metrics and figures of an image run (see the module docs); writes ``metrics.json``,
     ``reconstructions.png``, ``generations.png`` and, with physics, ``traversals.png``,
     ``<parameter>.png`` to ``out`` and returns the metrics. ``refine_steps`` is recorded in
-    the metrics: the per-sequence refinement steps already given to ``guide``."""
+    the metrics: the per-sequence refinement steps already given to ``guide``.
+    ``calibration``: the split to fit the noise per band and the parameters' interval
+    recalibrations on (:func:`fit_image_calibration`; as
+    :func:`pyro_physvae.evaluate.evaluate` does for series); ``None``: raw only."""
     model = run.model
-    summary = posterior_summaries(model, guide, x, num_samples, seed=seed)
+    cal = fit_image_calibration(run, calibration or CalibrationSplit(None, reason="not calibrated"),
+                                num_samples, seed)
+    summary = posterior_summaries(model, guide, x, num_samples, seed=seed, noise=cal.noise)
     metrics: dict[str, Any] = {
         "system": run.system.name, "setting": run.setting.value, "split": split,
         "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
@@ -367,10 +437,15 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
     if "x_P" in summary:
         metrics["physics_only_mse"] = float((summary["x_P"] - x).pow(2).mean())
     metrics["predictive_coverage90"] = float(summary["predictive_coverage"].mean())
+    metrics["predictive_coverage90_raw"] = float(summary["predictive_coverage_raw"].mean())
+    seq = seq_scale(x, summary["x_mean"], cal.seq_scale_model) if cal.intervals else None
     for p in model.physics_parameters:
         if p.name in ds and p.name in summary:
             period = getattr(p, "period", None)
-            metrics[p.name] = parameter_summary(summary[p.name], ds[p.name].values, period)
+            metrics[p.name] = parameter_summary(summary[p.name], ds[p.name].values, period,
+                                                calibration=cal, name=p.name, seq=seq)
+    metrics["calibration_fit"] = cal.to_dict()
+    metrics["notes"] = " ".join(cal.notes)
     iwae = torch.cat([iwae_log_likelihood(model, guide, x[i:i + CHUNK], iwae_particles, batch_size=None,
                                           seed=seed + i) for i in range(0, x.shape[0], CHUNK)])
     metrics["iwae_log_likelihood"] = iwae_summary(iwae)

@@ -217,10 +217,12 @@ def test_diagnose_writes_inference_data_tables_and_figures(tiny_data_dir, tmp_pa
     assert set(cal["coverage"]) == {"0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.99"}
     assert cal["widening_factor"] > 0
     idata = az.from_netcdf(str(out / "inference_data.nc"))
-    assert idata.posterior.sizes["draw"] == 20
+    # 20 independent draws, split into 4 chains of 5 for ArviZ's chain-based diagnostics.
+    assert idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"] == 20
     assert "omega" in idata.constant_data
     rows = (out / "calibration.csv").read_text().splitlines()
-    assert rows[0] == "parameter,intervals,level,coverage,mean_width" and len(rows) == 1 + 2 * 7
+    # raw, widened and recalibrated (the default method) at each of the 7 levels
+    assert rows[0] == "parameter,intervals,level,coverage,mean_width" and len(rows) == 1 + 3 * 7
 
 
 # --------------------------------------------------------------------------------------
