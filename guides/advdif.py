@@ -9,12 +9,13 @@ physics encoder reads ``x`` directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_physvae.arguments import Size, Widths
 from pyro_physvae.base import PhysVAEGuide
 from pyro_physvae.models.advdif import AdvDifModel
 from pyro_physvae.nets import MLP, GaussianHead
@@ -44,11 +45,11 @@ class AdvDifGuide(PhysVAEGuide):
         self,
         model: AdvDifModel,
         *,
-        hidden_feat: Sequence[int] = (256, 256),
-        feat_dim: int = 256,
-        hidden_aux: Sequence[int] = (64, 32),
-        hidden_unmixer: Sequence[int] = (256, 256),
-        hidden_phys: Sequence[int] = (64, 32),
+        hidden_feat: Widths = (256, 256),
+        feat_dim: Size = 256,
+        hidden_aux: Widths = (64, 32),
+        hidden_unmixer: Widths = (256, 256),
+        hidden_phys: Widths = (64, 32),
         unmixer_reads_data: bool = False,
         activation: str = "elu",
     ) -> None:

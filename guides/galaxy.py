@@ -18,12 +18,13 @@ In ``phys-only`` the physics encoder reads the band mean of ``x``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_physvae.arguments import Size, Widths
 from pyro_physvae.base import PhysVAEGuide
 from pyro_physvae.models.galaxy import GalaxyModel
 from pyro_physvae.nets import LNVAR_MAX, LNVAR_MIN, MLP, ConvFeatures, GaussianHead
@@ -52,12 +53,12 @@ class GalaxyGuide(PhysVAEGuide):
         self,
         model: GalaxyModel,
         *,
-        channels: Sequence[int] = (16, 32, 64, 128),
-        kernel_size: int = 5,
-        feat_dim: int = 512,
-        hidden_aux: Sequence[int] = (256, 128),
-        hidden_phys: Sequence[int] = (64, 32),
-        hidden_unmixer: Sequence[int] = (16, 16),
+        channels: Widths = (16, 32, 64, 128),
+        kernel_size: Size = 5,
+        feat_dim: Size = 512,
+        hidden_aux: Widths = (256, 128),
+        hidden_phys: Widths = (64, 32),
+        hidden_unmixer: Widths = (16, 16),
         activation: str = "elu",
     ) -> None:
         super().__init__(name="galaxy_guide")

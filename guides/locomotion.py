@@ -9,10 +9,9 @@ regularizer is R_ppc), so the guide sets ``unmixes = False``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
+from pyro_physvae.arguments import Size, Widths
 from pyro_physvae.base import PhysVAEGuide
 from pyro_physvae.models.locomotion import LocomotionModel
 from pyro_physvae.nets import MLP, GaussianHead
@@ -36,9 +35,9 @@ class LocomotionGuide(PhysVAEGuide):
         self,
         model: LocomotionModel,
         *,
-        hidden_feat: Sequence[int] = (512, 512),
-        feat_dim: int = 512,
-        hidden_heads: Sequence[int] = (64, 32),
+        hidden_feat: Widths = (512, 512),
+        feat_dim: Size = 512,
+        hidden_heads: Widths = (64, 32),
         activation: str = "elu",
     ) -> None:
         super().__init__(name="locomotion_guide")

@@ -9,12 +9,13 @@ passes through a Softplus so that it is positive. In ``phys-only`` the physics e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_physvae.arguments import Size, Widths
 from pyro_physvae.base import PhysVAEGuide
 from pyro_physvae.models.pendulum import PendulumModel
 from pyro_physvae.nets import MLP, GaussianHead
@@ -38,11 +39,11 @@ class PendulumGuide(PhysVAEGuide):
         self,
         model: PendulumModel,
         *,
-        hidden_feat: Sequence[int] = (128, 128),
-        feat_dim: int = 256,
-        hidden_aux: Sequence[int] = (64, 32),
-        hidden_unmixer: Sequence[int] = (128, 128),
-        hidden_phys: Sequence[int] = (64, 32),
+        hidden_feat: Widths = (128, 128),
+        feat_dim: Size = 256,
+        hidden_aux: Widths = (64, 32),
+        hidden_unmixer: Widths = (128, 128),
+        hidden_phys: Widths = (64, 32),
         activation: str = "elu",
     ) -> None:
         super().__init__(name="pendulum_guide")

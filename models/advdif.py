@@ -23,12 +23,13 @@ Sample sites (inside the ``data`` plate, dim -1): ``diffusion`` (scalar, length^
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyro_physvae.arguments import Count, Size, Widths
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
 from pyro_physvae.ode import time_grid
@@ -71,18 +72,18 @@ class AdvDifModel(PhysVAEModel):
         self,
         setting: str | Setting = Setting.PHYS_NN_REG,
         *,
-        n_grid: int = 20,
+        n_grid: Size = 20,
         dx: float = 0.1,
-        n_steps: int = 50,
+        n_steps: Size = 50,
         dt: float = 0.02,
-        dim_z_aux1: int = 4,
-        hidden_aux1: Sequence[int] = (64, 64),
+        dim_z_aux1: Count = 4,
+        hidden_aux1: Widths = (64, 64),
         time_input: bool = False,
         activation: str = "elu",
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
         method: str = "euler",
-        substeps: int = 2,
+        substeps: Size = 2,
         rtol: float = 1e-5,
         atol: float = 1e-6,
         diffusion: PhysicalParameter = DIFFUSION,

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyro_physvae.arguments import Count, Size, Widths
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.data.galaxy import check_images, exponential_disk, pixel_grid, rotate_images
 from pyro_physvae.nets import ConvDecoder, UNet
@@ -146,15 +147,15 @@ class GalaxyModel(PhysVAEModel):
         self,
         setting: str | Setting = Setting.PHYS_NN_REG,
         *,
-        image_size: int = 69,
-        dim_z_aux2: int = 2,
-        unet_width: int = 8,
-        unet_depth: int = 3,
-        neural_channels: Sequence[int] = (32, 16, 8, 4),
-        neural_hidden: Sequence[int] = (32, 64),
-        neural_bands: int = 3,
-        nn_channels: Sequence[int] = (128, 64, 32, 16),
-        nn_hidden: Sequence[int] = (64, 128),
+        image_size: Size = 69,
+        dim_z_aux2: Count = 2,
+        unet_width: Size = 8,
+        unet_depth: Size = 3,
+        neural_channels: Widths = (32, 16, 8, 4),
+        neural_hidden: Widths = (32, 64),
+        neural_bands: Size = 3,
+        nn_channels: Widths = (128, 64, 32, 16),
+        nn_hidden: Widths = (64, 128),
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
         ranges: Mapping[str, Sequence[float]] | None = None,

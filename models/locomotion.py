@@ -32,12 +32,13 @@ physics), ``x_mean``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_physvae.arguments import Count, Size, Widths
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
 from pyro_physvae.physics import PhysicalParameter
@@ -85,20 +86,20 @@ class LocomotionModel(PhysVAEModel):
         self,
         setting: str | Setting = Setting.PHYS_NN_REG,
         *,
-        n_joints: int = 3,
-        n_steps: int = 101,
+        n_joints: Size = 3,
+        n_steps: Size = 101,
         dt: float = 0.02,
-        dim_q: int = 3,
-        dim_z_phys: int = 2,
-        dim_z_aux2: int = 15,
-        hidden_energy: Sequence[int] = (128, 128),
-        hidden_aux2: Sequence[int] = (512, 512),
+        dim_q: Size = 3,
+        dim_z_phys: Count = 2,
+        dim_z_aux2: Count = 15,
+        hidden_energy: Widths = (128, 128),
+        hidden_aux2: Widths = (512, 512),
         harmonic_period: float | str | None = "window",
         activation: str = "elu",
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
         method: str = "rk4",
-        substeps: int = 1,
+        substeps: Size = 1,
         rtol: float = 1e-5,
         atol: float = 1e-6,
     ) -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyro_physvae.arguments import Count, Size, Widths
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
 from pyro_physvae.physics import PhysicalParameter
@@ -120,19 +121,19 @@ class PendulumModel(PhysVAEModel):
         self,
         setting: str | Setting = Setting.PHYS_NN_REG,
         *,
-        n_steps: int = 50,
+        n_steps: Size = 50,
         dt: float = 0.05,
-        dim_z_aux1: int = 1,
-        dim_z_aux2: int = 2,
-        hidden_aux1: Sequence[int] = (64, 64),
-        hidden_aux2: Sequence[int] = (128, 128),
+        dim_z_aux1: Count = 1,
+        dim_z_aux2: Count = 2,
+        hidden_aux1: Widths = (64, 64),
+        hidden_aux2: Widths = (128, 128),
         time_input: bool = True,
         aux1_state_inputs: Sequence[str] = ("angle", "velocity"),
         activation: str = "elu",
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
         method: str = "euler",
-        substeps: int = 1,
+        substeps: Size = 1,
         rtol: float = 1e-5,
         atol: float = 1e-6,
         omega: PhysicalParameter = OMEGA,
@@ -140,7 +141,7 @@ class PendulumModel(PhysVAEModel):
         super().__init__(name="pendulum_model")
         self.setting = Setting.parse(setting)
         if dim_z_aux1 < 0 or dim_z_aux2 < 0:
-            raise ValueError("latent sizes must be non-negative")
+            raise ValueError(f"dim_z_aux1 and dim_z_aux2 must be >= 0, got {dim_z_aux1} and {dim_z_aux2}")
         self.setup_time_grid(n_steps, dt, method, substeps, rtol, atol)
         self.setup_noise(x_lnvar, learn_noise)
         self.omega = omega

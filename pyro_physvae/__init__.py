@@ -1,5 +1,6 @@
 """pyro-physvae: Physics-Integrated VAEs as Pyro model/guide pairs."""
 
+from pyro_physvae.arguments import Count, Size, Widths
 from pyro_physvae.ode import IntegrationError, integrate
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.regularizers import (
@@ -15,13 +16,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SETTINGS",
+    "Count",
     "IntegrationError",
     "PhysVAELoss",
     "PhysicalParameter",
     "PhysicsAugmentation",
     "PosteriorPredictiveCheck",
     "Setting",
+    "Size",
     "Unmixing",
+    "Widths",
     "integrate",
     "phys_vae_regularizers",
 ]

@@ -17,7 +17,10 @@ have the same sites, plates and hooks:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -25,11 +28,36 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
+from pyro_physvae.arguments import check_keyword_arguments
 from pyro_physvae.ode import check_method, integrate, time_grid
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.regularizers import ComponentCall
 from pyro_physvae.settings import Setting
 from pyro_physvae.validation import check_positive_int, check_sequences
+
+
+def _checked_constructor(cls: type) -> None:
+    """Make ``cls(...)`` check its arguments against ``cls.__init__``'s annotations (see
+    :func:`~pyro_physvae.arguments.check_keyword_arguments`) before the constructor runs, so
+    that a bad size is refused by name instead of failing inside torch. Only the class being
+    built checks: a subclass's constructor calling its parent's does not check twice."""
+    init = cls.__dict__.get("__init__")
+    if init is None or getattr(init, "_checks_arguments", False):
+        return
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked_init(self, *args: Any, **kwargs: Any) -> None:
+        if type(self) is cls:
+            bound = signature.bind_partial(self, *args, **kwargs).arguments
+            given = {k: v for k, v in list(bound.items())[1:]
+                     if signature.parameters[k].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                             inspect.Parameter.VAR_KEYWORD)}
+            check_keyword_arguments(cls, given)
+        init(self, *args, **kwargs)
+
+    checked_init._checks_arguments = True
+    cls.__init__ = checked_init
 
 
 def check_input_tensor(x: object, dtype: torch.dtype, name: str = "x") -> None:
@@ -132,11 +160,12 @@ class PhysVAEModel(PyroModule):
     n_steps: int
     aux_dims: dict[str, int]
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if len(cls.observation_dims) != cls.x_event_dim:
             raise TypeError(f"{cls.__name__}.observation_dims {cls.observation_dims} must name "
                             f"x_event_dim = {cls.x_event_dim} dimension(s)")
+        _checked_constructor(cls)
 
     @property
     def physics_parameters(self) -> tuple[PhysicalParameter, ...]:
@@ -368,6 +397,10 @@ class PhysVAEGuide(PyroModule):
     #: In settings with physics and networks, the physics encoder reads the unmixed signal
     #: (set ``False`` for a guide whose physics latents are all in ``state_encoders``).
     unmixes: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _checked_constructor(cls)
 
     def unmix(self, x: Tensor, aux_locs: Mapping[str, Tensor]) -> Tensor:
         """The physics-like signal ``(B, *event)`` from ``x`` and the posterior means of the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -63,8 +65,11 @@ def check_positive_number(value: object, name: str) -> float:
     return number
 
 
-def check_positive_int(value: int, name: str) -> int:
-    """Return ``value`` if it is a positive integer, else raise ``ValueError``."""
-    if isinstance(value, bool) or int(value) != value or value < 1:
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an int if it is a positive integer (an int, or a float with an
+    integer value), else raise ``ValueError`` naming ``name``."""
+    whole = (isinstance(value, numbers.Integral) or
+             (isinstance(value, float) and value.is_integer()))
+    if isinstance(value, bool) or not whole or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)

@@ -19,9 +19,10 @@ import pytest
 import torch
 import xarray as xr
 
+from pyro_physvae.arguments import check_keyword_arguments
 from pyro_physvae.cli import main
 from pyro_physvae.data.io import SPLITS, load_dataset, save_dataset, to_tensor
-from pyro_physvae.systems import check_keyword_arguments, get_system
+from pyro_physvae.systems import get_system
 
 SMALL = ["--model-option", "hidden_aux1=[8]", "--model-option", "hidden_aux2=[8]",
          "--guide-option", "hidden_feat=[8]", "--guide-option", "feat_dim=8",
@@ -109,9 +110,9 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("option, message", [
-    ("dim_z_aux1=abc", "--model-option dim_z_aux1: expected int, got 'abc'"),
-    ("dim_z_aux1=true", "--model-option dim_z_aux1: expected int, got True"),
-    ("dim_z_aux1=1.5", "--model-option dim_z_aux1: expected int, got 1.5"),
+    ("dim_z_aux1=abc", "--model-option dim_z_aux1: expected int >= 0, got 'abc'"),
+    ("dim_z_aux1=true", "--model-option dim_z_aux1: expected int >= 0, got True"),
+    ("dim_z_aux1=1.5", "--model-option dim_z_aux1: expected int >= 0, got 1.5"),
     ("dt=NaN", "--model-option dt: expected finite float, got nan"),
     ("aux1_state_inputs=velocity", "--model-option aux1_state_inputs: expected a list of str, "
                                    "got 'velocity'"),
@@ -130,7 +131,7 @@ def test_model_options_are_checked_against_the_constructor(option, message, tiny
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--guide-option", "feat_dim=[1]"], "--guide-option feat_dim: expected int, got [1]"),
+    (["--guide-option", "feat_dim=[1]"], "--guide-option feat_dim: expected int >= 1, got [1]"),
     (["--guide-option", "nope=1"], "PendulumGuide has no argument(s) ['nope']; it takes: activation"),
     (["--guide", "auto-normal", "--guide-option", "feat_dim=8"],
      "--guide-option (--guide auto-normal): make_autoguide has no argument(s) ['feat_dim']; "
@@ -178,7 +179,7 @@ def test_check_keyword_arguments_in_python(kwargs, message) -> None:
 
 
 def test_system_build_checks_types() -> None:
-    with pytest.raises(ValueError, match="PendulumModel argument dim_z_aux1: expected int, got '2'"):
+    with pytest.raises(ValueError, match="PendulumModel argument dim_z_aux1: expected int >= 0, got '2'"):
         get_system("pendulum").build("phys+nn+reg", {"dim_z_aux1": "2"})
 
 
@@ -413,7 +414,7 @@ def test_resume_keeps_the_options_not_given(tiny_data_dir, tmp_path, capsys) -> 
     assert code == 2 and "seed (run: 3, asked: 4)" in error_line(err, "train")
     code, err = run_cli(["train", "--data", tiny_data_dir, "--out", run, "--resume", "--epochs", "3",
                          "--model-option", "dim_z_aux1=abc"], capsys)
-    assert code == 2 and "--model-option dim_z_aux1: expected int, got 'abc'" in err
+    assert code == 2 and "--model-option dim_z_aux1: expected int >= 0, got 'abc'" in err
     assert snapshot(run) == before
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ import pytest
 import torch
 from pyro.infer import Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_physvae import PhysVAELoss
+from pyro_physvae import PhysVAELoss, Widths
+from pyro_physvae.arguments import constructor_annotations
 from pyro_physvae.autoguides import AUTOGUIDES, make_autoguide
 from pyro_physvae.checkpoint import CheckpointError, load_checkpoint
 from pyro_physvae.cli import main
@@ -99,6 +101,37 @@ def wake_up(*modules: torch.nn.Module) -> None:
             for p in module.parameters():
                 if not p.abs().sum() > 0:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+# -- constructor arguments --------------------------------------------------------------------
+def integer_parameters(cls: type) -> dict[str, Any]:
+    """The constructor parameters of ``cls`` whose annotation holds an int (a size, a count,
+    widths), by name."""
+    return {k: a for k, a in constructor_annotations(cls).items() if "int" in str(a) and k != "return"}
+
+
+def test_every_size_argument_is_constrained(system):
+    """Every integer argument of the model and the guide is a size: annotated with Size, Count
+    or Widths, so that a bad value is refused by name before torch sees it."""
+    for cls in (system.model_cls, system.guide_cls):
+        loose = {k: a for k, a in integer_parameters(cls).items()
+                 if typing.get_origin(a) is not typing.Annotated and a != Widths and "None" not in str(a)}
+        assert not loose, f"{cls.__name__}: unconstrained integer arguments {loose}"
+
+
+@pytest.mark.parametrize("bad", ["x", -1, 2.5, True, [-1], [0], None])
+def test_bad_size_arguments_are_refused_by_name(system, splits, bad):
+    for role, cls in (("model", system.model_cls), ("guide", system.guide_cls)):
+        for name, annotation in integer_parameters(cls).items():
+            if "None" in str(annotation) and bad is None:
+                continue
+            sizes = {**system.test_sizes.get("model", {})}, {**system.test_sizes.get("guide", {})}
+            sizes[role == "guide"][name] = bad
+            with pytest.raises(ValueError, match=f"{cls.__name__} argument {name}: expected"):
+                system.build("phys+nn+reg", {**model_kwargs(system, splits), **sizes[0]}, sizes[1])
+            if role == "model":  # direct construction checks too, not only System.build
+                with pytest.raises(ValueError, match=f"argument {name}: expected"):
+                    cls("phys+nn+reg", **{**model_kwargs(system, splits), **sizes[0]})
 
 
 # -- sites and plates ---------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Lotka-Volterra guide and registration: ``physvae --plugin examples/lotka_volterra/
 lotka_volterra_guide.py generate --system lotka-volterra --out D``, then ``train``."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -9,6 +9,7 @@ from lotka_volterra_model import DT, INITIAL, NOISE_STD, TRUTH, LotkaVolterraMod
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_physvae import Size, Widths
 from pyro_physvae.base import PhysVAEGuide
 from pyro_physvae.data import ode_dataset, simulate_dataset
 from pyro_physvae.nets import MLP, GaussianHead
@@ -18,9 +19,9 @@ from pyro_physvae.systems import System, register_system
 class LotkaVolterraGuide(PhysVAEGuide):
     """q(z_A | x) and q(a, c | x minus a learnt residual), each an MLP on the flattened x (B, 2, T)."""
 
-    def __init__(self, model: LotkaVolterraModel, *, hidden: Sequence[int] = (128, 64),
-                 feat_dim: int = 64, hidden_heads: Sequence[int] = (32,),
-                 hidden_unmixer: Sequence[int] = (128, 128)) -> None:
+    def __init__(self, model: LotkaVolterraModel, *, hidden: Widths = (128, 64),
+                 feat_dim: Size = 64, hidden_heads: Widths = (32,),
+                 hidden_unmixer: Widths = (128, 128)) -> None:
         super().__init__(name="lotka_volterra_guide")
         self.setting = s = model.setting
         self.x_event_dim, self.event_shape, size = model.x_event_dim, (2, model.n_steps), 2 * model.n_steps

@@ -5,15 +5,14 @@ net f_A1(log x, log y, z_A1) to the per-capita rates, f_A2(a, c, z_A1, z_A2) to 
 for log-populations keeps them positive whatever the net does (on populations, x y blew up)."""
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from pyro_physvae import Count, PhysicalParameter, Setting, Size, Widths
 from pyro_physvae.base import PhysVAEModel
 from pyro_physvae.nets import MLP
-from pyro_physvae.physics import PhysicalParameter
-from pyro_physvae.settings import Setting
 
 A = PhysicalParameter("a", 0.25, 2.0, "1/s", "prey growth rate")
 C = PhysicalParameter("c", 0.25, 2.0, "1/s", "predator death rate")
@@ -41,10 +40,10 @@ class LotkaVolterraModel(PhysVAEModel):
     x_event_dim, observation_dims, init_event_dim = 2, ("species", "time"), 1
     reg_weights = (1e-2, 10.0, 1e-3)  # the pendulum's: z_P of order one here as there
 
-    def __init__(self, setting: str | Setting = "phys+nn+reg", *, n_steps: int = 50, dt: float = DT,
-                 dim_z_aux1: int = 2, dim_z_aux2: int = 2, hidden_aux1: Sequence[int] = (32, 32),
-                 hidden_aux2: Sequence[int] = (64, 64), x_lnvar: float = 2 * math.log(NOISE_STD),
-                 learn_noise: bool = False, method: str = "rk4", substeps: int = 1) -> None:
+    def __init__(self, setting: str | Setting = "phys+nn+reg", *, n_steps: Size = 50, dt: float = DT,
+                 dim_z_aux1: Count = 2, dim_z_aux2: Count = 2, hidden_aux1: Widths = (32, 32),
+                 hidden_aux2: Widths = (64, 64), x_lnvar: float = 2 * math.log(NOISE_STD),
+                 learn_noise: bool = False, method: str = "rk4", substeps: Size = 1) -> None:
         super().__init__(name="lotka_volterra_model")
         self.setting = s = Setting.parse(setting)
         self.setup_time_grid(n_steps, dt, method, substeps)
