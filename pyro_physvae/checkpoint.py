@@ -177,3 +177,15 @@ def check_finite_state(state: Mapping[str, Any], what: str) -> None:
             raise CheckpointError(f"{what}[{name!r}] is not a tensor (got {type(value).__name__})")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{what}[{name!r}] holds NaN or infinite values")
+
+
+def load_module_state(module: torch.nn.Module, state: Mapping[str, Any], what: str) -> None:
+    """``module.load_state_dict(state)``, with a :class:`CheckpointError` in one line naming
+    the first tensor that is missing, unexpected or of another shape than the module's."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = details[0] if details else str(e).splitlines()[0]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise CheckpointError(f"{what} does not fit {type(module).__name__}: {first}{more}") from None

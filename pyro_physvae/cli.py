@@ -15,14 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyro_physvae.arguments import check_keyword_arguments
 from pyro_physvae.settings import SETTINGS
-from pyro_physvae.systems import (
-    check_keyword_arguments,
-    describe_source,
-    get_system,
-    load_plugin,
-    registered_systems,
-)
+from pyro_physvae.systems import describe_source, get_system, load_plugin, registered_systems
 
 QUICKSTART_SIZES = {"n_train": 500, "n_valid": 200, "n_test": 200}
 QUICKSTART_EPOCHS = 150
@@ -166,7 +161,7 @@ def cmd_import_reference(args: argparse.Namespace) -> None:
         from pyro_physvae.data.pendulum import load_reference_text
 
         def load(split: str):
-            return load_reference_text(args.source, split, dt=args.dt or 0.05)
+            return load_reference_text(args.source, split, dt=args.dt)  # else args_<split>.json's
     elif args.system == "advdif":
         from pyro_physvae.data.advdif import load_reference_npy
 
@@ -183,8 +178,11 @@ def cmd_import_reference(args: argparse.Namespace) -> None:
         load = load_galaxy10(args.source).__getitem__  # the paper's class and split sizes
     else:
         raise ValueError(f"no reference file format is known for the {args.system} system")
-    for split in args.splits:
-        print(f"wrote {save_dataset(load(split), Path(args.out) / f'{split}.nc')}")
+    # Every split is read (and checked) before any is written: a bad later split leaves the
+    # files already in --out as they were.
+    loaded = {split: load(split) for split in args.splits}
+    for split, ds in loaded.items():
+        print(f"wrote {save_dataset(ds, Path(args.out) / f'{split}.nc')}")
 
 
 def cmd_import_galaxy10(args: argparse.Namespace) -> None:
@@ -227,7 +225,7 @@ def _recorded_run(out: Path) -> dict[str, Any]:
 def model_option_arg(text: str) -> tuple[str, object]:
     """An argparse type: ``KEY=VALUE``, the value read as JSON when it is JSON (numbers,
     lists, ``true``), else kept as a string. ``physvae train`` checks the values against
-    the constructor's annotations (:func:`~pyro_physvae.systems.check_keyword_arguments`)."""
+    the constructor's annotations (:func:`~pyro_physvae.arguments.check_keyword_arguments`)."""
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -475,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--splits", nargs="+", default=["train", "valid", "test"],
                     choices=["train", "valid", "test"])
     it.add_argument("--dt", type=_positive_float, default=None,
-                    help="time step (default: pendulum 0.05, advdif from args_<split>.json)")
+                    help="time step (default: from args_<split>.json; pendulum without one: 0.05)")
     it.add_argument("--dx", type=_positive_float, default=None,
                     help="advdif grid spacing (default: from args_<split>.json)")
     it.set_defaults(func=cmd_import_reference)

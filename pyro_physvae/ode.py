@@ -30,7 +30,7 @@ class IntegrationError(FloatingPointError):
 def check_method(method: str) -> str:
     """Return ``method`` if torchdiffeq offers it here, else raise a ``ValueError``."""
     if method not in METHODS:
-        raise ValueError(f"unknown ODE solver {method!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"unknown ODE solver method {method!r}; choose one of: {', '.join(METHODS)}")
     return method
 
 

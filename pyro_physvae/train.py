@@ -41,6 +41,7 @@ from pyro_physvae.checkpoint import (
     CheckpointError,
     encode_checkpoint,
     load_checkpoint,
+    load_module_state,
     write_checkpoint_bytes,
 )
 from pyro_physvae.files import DirectoryLock, atomic_write, remove_temporaries
@@ -585,8 +586,8 @@ def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str |
     best_val, start = math.inf, 0
     resumes: list[dict[str, Any]] = []
     if state is not None:
-        model.load_state_dict(state["model_state"])
-        guide.load_state_dict(state["guide_state"])
+        load_module_state(model, state["model_state"], f"{resumed_from} model_state")
+        load_module_state(guide, state["guide_state"], f"{resumed_from} guide_state")
         trainer.optimizer.load_state_dict(state["optimizer_state"])
         for group in trainer.optimizer.param_groups:
             group["lr"] = config.lr

@@ -181,7 +181,7 @@ def test_blow_up_with_adaptive_solver_raises_integration_error():
 
 
 def test_unknown_method_is_rejected_with_the_choices():
-    with pytest.raises(ValueError, match="unknown ODE solver 'leapfrog'.*rk4"):
+    with pytest.raises(ValueError, match="unknown ODE solver method 'leapfrog'.*rk4"):
         integrate(decay, torch.ones(1), T_DECAY, method="leapfrog")
     with pytest.raises(ValueError, match="dopri5"):
         check_method("RK4")

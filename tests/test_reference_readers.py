@@ -163,6 +163,30 @@ def test_pendulum_cli_round_trip(tmp_path):
     np.testing.assert_allclose(ds["forcing_frequency"].values, truth[:, 4], rtol=1e-8)
 
 
+def test_pendulum_cli_takes_dt_from_the_args_file(tmp_path):
+    src, out = tmp_path / "ref", tmp_path / "nc"
+    src.mkdir()
+    write_pendulum(src, "valid", dt=0.1)
+    assert run_cli(src, "pendulum", out, "valid") == 0
+    assert load_dataset(out / "valid.nc", system="pendulum").attrs["dt"] == 0.1
+
+
+def test_cli_reads_every_split_before_writing_any(tmp_path, capsys):
+    """A bad later split must not leave the earlier ones half replaced in --out."""
+    src, out = tmp_path / "ref", tmp_path / "nc"
+    src.mkdir()
+    for split in ("train", "valid"):
+        write_pendulum(src, split)
+    assert run_cli(src, "pendulum", out, "train") == 0
+    before = (out / "train.nc").read_bytes()
+    write_pendulum(src, "train", n=5)  # a new train split, and a ragged valid one
+    (src / "data_valid.txt").write_text("1 2 3\n4 5\n")
+    assert run_cli(src, "pendulum", out, "train", "valid") != 0
+    assert "data_valid.txt" in capsys.readouterr().err
+    assert (out / "train.nc").read_bytes() == before
+    assert not (out / "valid.nc").exists()
+
+
 @pytest.mark.parametrize("variant", ["hash-space", "hash", "bare", "none", "our-names", "reordered",
                                      "extra-column", "tabs-crlf", "comments"])
 def test_pendulum_parameter_file_variants(tmp_path, variant):
