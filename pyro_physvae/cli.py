@@ -281,13 +281,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pyro_physvae.evaluate import evaluate
+    from pyro_physvae.evaluate import evaluate, evaluation_folder
 
-    _check_run_inputs(args, (args.split,), f"eval-{args.split}")
+    calibrate_on = None if args.calibrate_on == "none" else args.calibrate_on
+    _check_run_inputs(args, tuple(dict.fromkeys(s for s in (args.split, calibrate_on) if s)),
+                      evaluation_folder(args.split, args.checkpoint))
     metrics = evaluate(args.run, args.data, split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device,
                        guide_steps=args.guide_steps, checkpoint=args.checkpoint,
-                       refine_steps=args.refine_steps)
+                       refine_steps=args.refine_steps, calibrate_on=calibrate_on)
     print(json.dumps(metrics, indent=2))
 
 
@@ -396,7 +398,12 @@ posterior samples each.
 | physics-only part MSE | {metrics['physics_only_mse']:.4g} |
 | {name} MAE | {par['mae']:.3f} |
 | {name} correlation | {par['corr']:.3f} |
-| {name} 90% interval coverage | {par['coverage90']:.3f} |
+| {name} 90% interval coverage, calibrated | {par['coverage90']:.3f} |
+| {name} 90% interval coverage, raw | {par.get('coverage90_raw', float('nan')):.3f} |
+| predictive 90% coverage, calibrated | {metrics['predictive_coverage90']:.3f} |
+| predictive 90% coverage, raw | {metrics.get('predictive_coverage90_raw', float('nan')):.3f} |
+
+{metrics.get('notes', '')}
 
 ![reconstructions](eval/reconstructions.png)
 
@@ -424,6 +431,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory")
     parser.add_argument("--data", default=None, help="default: the run's training data directory")
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+
+
+def _add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibrate-on", default="valid", choices=["train", "valid", "test", "none"],
+                        help="split on which the observation noise and the intervals of the physics "
+                        "parameters are calibrated (default valid; 'none': raw figures only)")
 
 
 def _add_guide_arguments(parser: argparse.ArgumentParser) -> None:
@@ -545,8 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=_positive_int, default=100)
     e.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"],
                    help="the best-validation checkpoint or the last one")
-    e.add_argument("--out", default=None)
+    e.add_argument("--out", default=None,
+                   help="default: RUN/eval-SPLIT (best.pt) or RUN/eval-SPLIT-last (last.pt)")
     e.add_argument("--device", type=_device, default="cpu")
+    _add_calibration_argument(e)
     _add_guide_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -554,8 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(d)
     d.add_argument("--samples", type=_positive_int, default=200, help="posterior draws per sequence")
     d.add_argument("--iwae-particles", type=_positive_int, default=100)
-    d.add_argument("--calibrate-on", default="valid", choices=["train", "valid", "test", "none"],
-                   help="split on which to fit the interval widening ('none': raw intervals only)")
+    _add_calibration_argument(d)
     _add_guide_arguments(d)
     d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
     d.set_defaults(func=cmd_diagnose)

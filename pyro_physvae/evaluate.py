@@ -34,7 +34,7 @@ from pyro.nn import PyroModule  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from pyro_physvae.autoguides import fit_local_guide, refine_amortized_guide  # noqa: E402
-from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
+from pyro_physvae.checkpoint import load_checkpoint, load_module_state  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
     DEFAULT_INTERVAL_METHOD,
     calibration,
@@ -97,8 +97,11 @@ class Run:
     guide_kind: str = "amortized"
 
     def load(self, split: str, data_dir: str | Path | None = None) -> xr.Dataset:
-        """A split of ``data_dir``, by default the directory the run was trained on."""
-        return self.system.load_split(data_dir or self.checkpoint["data_dir"], split)
+        """A split of ``data_dir``, by default the directory the run was trained on, checked
+        to fit the trained model (its length, time step, ...)."""
+        ds = self.system.load_split(data_dir or self.checkpoint["data_dir"], split)
+        self.system.check_data_fits(ds, self.checkpoint["model_kwargs"])
+        return ds
 
     def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0,
                   refine_steps: int = 0) -> Callable:
@@ -132,11 +135,11 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cp
     pyro.clear_param_store()
     model, guide = build_pair(system, setting, kind, state["model_kwargs"], state["guide_kwargs"])
     if kind == "amortized":
-        guide.load_state_dict(state["guide_state"])
+        load_module_state(guide, state["guide_state"], f"{run_dir / checkpoint} guide_state")
         guide.to(device).eval()
     else:
         guide = None  # its latents are the training sequences'; see Run.guide_for
-    model.load_state_dict(state["model_state"])
+    load_module_state(model, state["model_state"], f"{run_dir / checkpoint} model_state")
     model.to(device).eval()
     return Run(system, setting, model, guide, state, run_dir, kind)
 
@@ -282,13 +285,23 @@ def _header(run: Run, split: str, num_samples: int, refine_steps: int) -> dict[s
             "refine_steps": refine_steps}
 
 
+def evaluation_folder(split: str, checkpoint: str = "best.pt") -> str:
+    """The default folder of an evaluation within the run directory: ``eval-<split>`` for
+    the best-validation checkpoint, ``eval-<split>-<name>`` for another (``last.pt``:
+    ``eval-test-last``), so that evaluations of different checkpoints never overwrite each
+    other."""
+    name = Path(checkpoint).name.removesuffix(".pt")
+    return f"eval-{split}" if name == "best" else f"eval-{split}-{name}"
+
+
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
              num_samples: int = 100, out_dir: str | Path | None = None,
              checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
              guide_steps: int = 1000, iwae_particles: int = 50,
              refine_steps: int = 0, calibrate_on: str | None = "valid") -> dict[str, Any]:
     """Evaluate a run on a split: writes ``metrics.json`` and figures to ``out_dir``
-    (default ``run_dir/eval-<split>``) and returns the metrics, among them the mean IWAE
+    (default ``run_dir/`` :func:`evaluation_folder`: ``eval-<split>`` for ``best.pt``,
+    ``eval-<split>-last`` for ``last.pt``) and returns the metrics, among them the mean IWAE
     log-likelihood per sequence (``iwae_particles`` importance samples), which compares
     settings. An AutoGuide run fits its guide on the split first (``guide_steps`` steps); an
     amortized run's posterior is refined per sequence for ``refine_steps`` steps if that is
@@ -318,7 +331,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
         return run.guide_for(xs, steps=guide_steps, seed=seed, refine_steps=refine_steps)
 
     guide = guide_for(x)
-    out = Path(out_dir) if out_dir else Path(run_dir) / f"eval-{split}"
+    out = Path(out_dir) if out_dir else Path(run_dir) / evaluation_folder(split, checkpoint)
     evaluator = run.system.evaluator or default_evaluator
     kwargs: dict[str, Any] = {}
     if _accepts(evaluator, "calibration"):

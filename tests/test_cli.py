@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pyro_physvae.checkpoint import load_checkpoint
 from pyro_physvae.cli import main
 from pyro_physvae.evaluate import load_run
 from pyro_physvae.train import read_history
@@ -136,8 +138,21 @@ def test_quickstart_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert main(["quickstart", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
     report = (out / "REPORT.md").read_text()
     assert "omega MAE" in report and "counterfactual" in report.lower()
+    # Calibrated and raw coverage side by side, with the sentence that says why raw is narrow.
+    assert "omega 90% interval coverage, calibrated |" in report and "coverage, raw |" in report
+    assert "Raw posterior intervals and the raw predictive are narrow because" in report
     for fig in ("reconstructions.png", "omega.png", "counterfactual.png"):
         assert (out / "eval" / fig).is_file()
+
+
+def test_evaluations_of_best_and_last_go_to_separate_folders(run_dir: Path, tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    for checkpoint, folder in (("best.pt", "eval-test"), ("last.pt", "eval-test-last")):
+        assert main(["evaluate", str(run_dir), "--checkpoint", checkpoint, "--samples", "4",
+                     "--calibrate-on", "none"]) == 0
+        metrics = json.loads((run_dir / folder / "metrics.json").read_text())
+        assert metrics["checkpoint_epoch"] == load_checkpoint(run_dir / checkpoint)["epoch"]
+        assert "coverage90_raw" in metrics["omega"]
 
 
 def test_example_script_runs(monkeypatch) -> None:

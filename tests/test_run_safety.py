@@ -398,3 +398,30 @@ def test_kill_during_checkpoint_writes_then_resume_is_bitwise_identical(tiny_dat
             assert torch.equal(value, b[key][name]), (key, name)
     assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
     assert [r["val_loss"] for r in read_history(run)] == [r["val_loss"] for r in a["history"]]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "diagnose", "counterfactual", "load_run"])
+def test_run_functions_refuse_data_or_weights_that_do_not_fit(run6, tmp_path, command):
+    """Through the Python API too: data of another length, and a checkpoint whose tensors do
+    not fit the model, are refused by name before anything is computed."""
+    import pyro_physvae.evaluate as ev
+    from pyro_physvae.data.io import save_dataset
+    from pyro_physvae.systems import get_system
+
+    run_dir = copy_run(run6, tmp_path)
+    sizes = {"n_train": 8, "n_valid": 8, "n_test": 8, "n_steps": 30}
+    for split, ds in get_system("pendulum").generate(seed=2, **sizes).items():
+        save_dataset(ds, tmp_path / "d30" / f"{split}.nc")
+    before = snapshot(run_dir)
+    if command == "load_run":
+        state = load_checkpoint(run_dir / "best.pt")
+        state["guide_state"] = {k: v[..., :1] if v.dim() else v for k, v in state["guide_state"].items()}
+        state.pop("format_version")
+        (run_dir / "best.pt").write_bytes(encode_checkpoint(state))
+        with pytest.raises(CheckpointError, match=r"guide_state does not fit PendulumGuide: size mismatch"):
+            ev.load_run(run_dir)
+        return
+    with pytest.raises(ValueError, match=r"d30/test\.nc does not fit the trained pendulum model: "
+                                         r"the data have n_steps=30 \(the model's: 20\)"):
+        getattr(ev, command)(run_dir, tmp_path / "d30")
+    assert snapshot(run_dir) == before
