@@ -221,7 +221,7 @@ def plot_parameter(truth: np.ndarray, samples: Tensor, name: str, path: Path, un
     """Posterior mean with central 90% intervals of a physics parameter (``samples (S, N)``)
     against its true value ``(N,)``; the diagonal is perfect recovery. With
     ``calibration`` (fitted on another split), the recalibrated intervals are drawn too,
-    light, behind the raw ones."""
+    broad and light, behind the raw ones."""
     mean = _numpy(samples.mean(0))
     lo, hi = (_numpy(v) for v in central_interval(samples, INTERVAL))
     fig, ax = plt.subplots(figsize=(4.2, 4))
@@ -229,12 +229,12 @@ def plot_parameter(truth: np.ndarray, samples: Tensor, name: str, path: Path, un
     if calibration is not None:
         centre, rel, _ = posterior_offsets(samples)
         c_lo, c_hi = (_numpy(centre + v) for v in calibration.offsets(rel))
-        ax.vlines(truth, c_lo, c_hi, alpha=0.15, lw=0.5, color="C1",
-                  label=f"calibrated ({calibration.method})")
+        ax.vlines(truth, c_lo, c_hi, alpha=0.35, lw=2.0, color="C1",
+                  label=f"calibrated 90% interval ({calibration.method})")
         lows.append(c_lo)
         highs.append(c_hi)
     ax.errorbar(truth, mean, yerr=[mean - lo, hi - mean], fmt=".", ms=3, alpha=0.5, elinewidth=0.5,
-                color="C0", label="raw posterior")
+                color="C0", label="raw posterior mean and 90% interval")
     edge = [min(truth.min(), *(v.min() for v in lows)), max(truth.max(), *(v.max() for v in highs))]
     ax.plot(edge, edge, "k--", lw=1)
     unit = f" [{units}]" if units else ""

@@ -296,8 +296,8 @@ def _rgb(img: Tensor | np.ndarray) -> np.ndarray:
 def plot_image_grid(rows: Sequence[Mapping[str, Tensor]], path: Path, *,
                     row_labels: Sequence[str] | None = None, title: str = "", cell: float = 1.7) -> Path:
     """A grid of RGB images: one row per entry of ``rows`` (``{column title: (3, S, S)}``).
-    A column titled with a leading ``|`` is drawn as a grey-scale map of its band sum (for
-    errors), scaled to the largest value of the figure's such panels."""
+    A column titled with a leading ``|`` is drawn as a colour map of its absolute band sum
+    (for errors), on one scale for all such panels of the figure, with a colour bar."""
     cols = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(cell * cols, cell * len(rows) + 0.6), squeeze=False)
     err_max = max((float(v.abs().sum(0).max()) for r in rows for k, v in r.items() if k.startswith("|")),
@@ -311,7 +311,10 @@ def plot_image_grid(rows: Sequence[Mapping[str, Tensor]], path: Path, *,
                 continue
             key, img = list(row.items())[j]
             if key.startswith("|"):
-                ax.imshow(img.abs().sum(0).cpu().numpy(), cmap="magma", vmin=0, vmax=err_max)
+                im = ax.imshow(img.abs().sum(0).cpu().numpy(), cmap="magma", vmin=0, vmax=err_max)
+                # One scale for every error panel; the bar says what the colours mean.
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label(
+                    "|error| summed over bands", fontsize=6)
             else:
                 ax.imshow(_rgb(img))
             if i == 0 or row_labels is None:
