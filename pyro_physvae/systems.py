@@ -174,7 +174,7 @@ class System:
             if not same:
                 differ.append(f"{key}={value} (the model's: {trained})")
         if differ:
-            raise ValueError(f"{dataset_source(ds)} does not fit the trained {self.name} model: the "
+            raise ValueError(f"{dataset_source(ds)} does not fit the {self.name} model: the "
                              f"data have {', '.join(differ)}")
 
     def _time_grid_from_data(self, ds: xr.Dataset) -> dict[str, Any]:

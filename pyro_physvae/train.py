@@ -357,6 +357,7 @@ def train(
     train_ds = system.load_split(data_dir, "train")
     valid_ds = system.load_split(data_dir, "valid")
     data_kwargs = system.model_kwargs_from_data(train_ds)
+    system.check_data_fits(valid_ds, data_kwargs)  # same length, time step, ... as the training split
     lock = DirectoryLock(run_dir)
     if run_dir.is_dir():  # from now on the only writer of an existing run directory
         lock.acquire()

@@ -377,7 +377,7 @@ def test_overflow_is_checked_after_the_cast() -> None:
 # -- the data of a run command must fit the trained model -----------------------------------
 @pytest.mark.parametrize("command", ["evaluate", "diagnose", "nuts", "counterfactual", "extrapolate"])
 @pytest.mark.parametrize("which, message", [
-    ("long", "{data}/test.nc does not fit the trained pendulum model: the data have n_steps=30 "
+    ("long", "{data}/test.nc does not fit the pendulum model: the data have n_steps=30 "
              "(the model's: 20)"),
     ("advdif", "{data}/test.nc holds 'advdif' data, expected 'pendulum'"),
 ])

@@ -36,9 +36,9 @@ def lv(system):
     return sys.modules["lotka_volterra_model"]
 
 
-def test_two_files_within_150_lines():
+def test_two_files_within_160_lines():
     lines = sum(len(f.read_text().splitlines()) for f in FILES)
-    assert lines <= 150, f"model + guide have {lines} lines"
+    assert lines <= 160, f"model + guide have {lines} lines"
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)

@@ -242,8 +242,8 @@ def test_bad_data_fail_before_anything_is_written(tiny_datasets, tmp_path):
 
     save_dataset(tiny_datasets["train"], tmp_path / "data" / "train.nc")
     save_dataset(tiny_datasets["valid"].isel(time=slice(0, 15)), tmp_path / "data" / "valid.nc")
-    with pytest.raises(ValueError, match="valid split .* does not fit the model: x has 15 time steps per "
-                                         "sequence, the model expects 20"):
+    with pytest.raises(ValueError, match=r"valid\.nc does not fit the pendulum model: the data have "
+                                         r"n_steps=15 \(the model's: 20\)"):
         train("pendulum", "phys+nn+reg", tmp_path / "data", tmp_path / "run", TrainConfig(epochs=2, **RUN),
               **SMALL)
     assert not (tmp_path / "run").exists()
@@ -421,7 +421,24 @@ def test_run_functions_refuse_data_or_weights_that_do_not_fit(run6, tmp_path, co
         with pytest.raises(CheckpointError, match=r"guide_state does not fit PendulumGuide: size mismatch"):
             ev.load_run(run_dir)
         return
-    with pytest.raises(ValueError, match=r"d30/test\.nc does not fit the trained pendulum model: "
+    with pytest.raises(ValueError, match=r"d30/test\.nc does not fit the pendulum model: "
                                          r"the data have n_steps=30 \(the model's: 20\)"):
         getattr(ev, command)(run_dir, tmp_path / "d30")
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda ds: ds.assign_attrs(dt=0.1), r"valid\.nc does not fit the pendulum model: the data have dt=0\.1"),
+    (lambda ds: ds.drop_attrs(), r"valid\.nc lacks the attribute 'dt'"),
+])
+def test_validation_split_must_match_the_training_split(tiny_datasets, tmp_path, change, match):
+    """The model is built from the training split; a validation split with another time step
+    (or none) is refused before training, not used silently."""
+    from pyro_physvae.data.io import save_dataset
+
+    save_dataset(tiny_datasets["train"], tmp_path / "data" / "train.nc")
+    save_dataset(change(tiny_datasets["valid"]), tmp_path / "data" / "valid.nc")
+    with pytest.raises(ValueError, match=match):
+        train("pendulum", "phys-only", tmp_path / "data", tmp_path / "run", TrainConfig(epochs=1, **RUN),
+              **SMALL)
+    assert not (tmp_path / "run").exists()

@@ -59,6 +59,9 @@ class LotkaVolterraModel(PhysVAEModel):
     def physics_parameters(self) -> tuple[PhysicalParameter, ...]:
         return (A, C) if self.setting.has_physics else ()
 
+    def observation_shape(self) -> tuple[int, int]:
+        return (2, self.n_steps)  # prey and predator over the time grid
+
     def decode_sites(self, init: Tensor, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Curves ``(..., B, 2, T)`` from ``init (..., B, 2)``, ``a, c (..., B)``, ``z_A (..., B, dim)``."""
         phys = [p.clamp(latents[p.name]).unsqueeze(-1) for p in self.physics_parameters]  # a, c
