@@ -309,6 +309,19 @@ class NonFiniteStep(FloatingPointError):
     """A loss or gradient that is not finite; the step that produced it must not be applied."""
 
 
+def refuse_non_finite_step(loss: float, params: list[Tensor]) -> None:
+    """Raise :class:`NonFiniteStep`, with the gradients of ``params`` cleared so that no
+    optimiser can apply them, if ``loss`` or any of those gradients is not finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if math.isfinite(loss) and all_finite(grads):
+        return
+    for p in params:
+        p.grad = None
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"a gradient is not finite (loss {loss:.6g})"
+    raise NonFiniteStep(f"{what}; the step is refused and the parameters keep their values (check "
+                        "the data's scale and the learning rate)")
+
+
 def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite (one device synchronisation)."""
     if not tensors:
@@ -488,15 +501,7 @@ class PhysVAELoss(ELBO):
         m, g = self._wrap(model, guide, args, kwargs)
         with pyro.poutine.trace(param_only=True) as tr:
             value = self.elbo.loss_and_grads(m, g, *args, **kwargs)
-        params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
-        grads = [p.grad for p in params if p.grad is not None]
-        if not math.isfinite(value) or not all_finite(grads):
-            for p in params:
-                p.grad = None
-            what = f"the loss is {value}" if not math.isfinite(value) else \
-                f"a gradient is not finite (loss {value:.6g})"
-            raise NonFiniteStep(f"{what}; the step is refused and the parameters keep their "
-                                "values (check the data's scale and the learning rate)")
+        refuse_non_finite_step(value, [site["value"].unconstrained() for site in tr.trace.nodes.values()])
         return value
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> Tensor:

@@ -46,7 +46,7 @@ from pyro_physvae.checkpoint import (
 )
 from pyro_physvae.files import DirectoryLock, atomic_write, remove_temporaries
 from pyro_physvae.ode import IntegrationError
-from pyro_physvae.regularizers import NonFiniteStep, PhysVAELoss, _SiteRecorder, all_finite
+from pyro_physvae.regularizers import NonFiniteStep, PhysVAELoss, _SiteRecorder, refuse_non_finite_step
 from pyro_physvae.settings import Setting
 from pyro_physvae.systems import System, get_system
 from pyro_physvae.validation import check_positive_int
@@ -255,14 +255,9 @@ class SVITrainer:
         parameters keep their values and :class:`TrainingDiverged` is raised."""
         with _divergence_as_error():
             value, params = self._params(*args, **kwargs)
-        grads = [p.grad for p in params if p.grad is not None]
-        if not math.isfinite(value) or not all_finite(grads):
-            for p in params:
-                p.grad = None
-            what = f"the loss became {value}" if not math.isfinite(value) else \
-                f"the gradient became non-finite (loss {value:.6g})"
-            raise TrainingDiverged(f"{what}; the step was not applied")
+            refuse_non_finite_step(value, params)
         self._ensure_optimizer(params)
+        grads = [p.grad for p in params if p.grad is not None]
         if self.grad_scale != 1.0 and grads:
             torch._foreach_mul_(grads, self.grad_scale)
         torch.nn.utils.clip_grad_value_(params, self.config.clip_value)
@@ -343,6 +338,18 @@ def train(
         TrainingDiverged: the loss, a gradient or the ODE solution became non-finite; the
             checkpoints already written are left as they were.
     """
+    return _run_training(system, setting, data_dir, run_dir, config, model_kwargs, guide_kwargs,
+                         resume=resume, overwrite=overwrite, progress=progress, engine=_train)
+
+
+def _run_training(system: str | System, setting: str | Setting, data_dir: str | Path,
+                  run_dir: str | Path, config: TrainConfig | None, model_kwargs: dict | None,
+                  guide_kwargs: dict | None, *, resume: bool, overwrite: bool, progress: bool,
+                  engine: Callable[..., list[dict[str, float]]], writer: bool = True,
+                  ) -> list[dict[str, float]]:
+    """:func:`train`'s checks, data, resume options and lock, then ``engine`` (``_train``'s
+    signature) does the training. ``writer=False``: a process of a multi-process run that
+    only reads (it neither takes the lock nor writes; the writing process does both)."""
     system = get_system(system) if isinstance(system, str) else system
     setting = Setting.parse(setting)
     run_dir = Path(run_dir)
@@ -359,7 +366,7 @@ def train(
     data_kwargs = system.model_kwargs_from_data(train_ds)
     system.check_data_fits(valid_ds, data_kwargs)  # same length, time step, ... as the training split
     lock = DirectoryLock(run_dir)
-    if run_dir.is_dir():  # from now on the only writer of an existing run directory
+    if writer and run_dir.is_dir():  # from now on the only writer of an existing run directory
         lock.acquire()
     try:
         state, resumed_from = None, None
@@ -374,7 +381,7 @@ def train(
                 config = with_reg_weights(config, system)
             model_kwargs = {**data_kwargs, **(model_kwargs or {})}
             guide_kwargs = dict(guide_kwargs or {})
-        return _train(system, setting, train_ds, valid_ds, data_dir, run_dir, config,
+        return engine(system, setting, train_ds, valid_ds, data_dir, run_dir, config,
                       model_kwargs, guide_kwargs, state, resumed_from, lock, progress)
     finally:
         lock.release()
@@ -548,11 +555,47 @@ class _RunWriter:
             self._history = None
 
 
-def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str | Path,
-           run_dir: Path, config: TrainConfig, model_kwargs: dict, guide_kwargs: dict,
-           state: dict[str, Any] | None, resumed_from: Path | None, lock: DirectoryLock,
-           progress: bool) -> list[dict[str, float]]:
-    device = resolve_device(config.device)
+@dataclass
+class _RunSetup:
+    """What :func:`_setup_run` prepares for an engine: data on ``device``, the model/guide
+    pair, its :class:`SVITrainer` (optimiser created, resumed state loaded), the batch size
+    and the history so far."""
+
+    system: System
+    setting: Setting
+    data_dir: str | Path
+    config: TrainConfig
+    model_kwargs: dict
+    guide_kwargs: dict
+    device: torch.device
+    x_train: Tensor
+    x_check: Tensor
+    n: int
+    model: torch.nn.Module
+    guide: Callable
+    trainer: SVITrainer
+    batch_size: int
+    history: list[dict[str, float]]
+    best_val: float
+    start: int
+    resumes: list[dict[str, Any]]
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        """The run's ``config.json`` (and the options part of every checkpoint)."""
+        return {"system": self.system.name, "system_source": dict(self.system.source),
+                "setting": self.setting.value, "model_kwargs": self.model_kwargs,
+                "guide_kwargs": self.guide_kwargs, "train_config": asdict(self.config),
+                "data_dir": str(Path(self.data_dir).resolve()), "n_train": self.n,
+                "torch_threads": torch.get_num_threads(), "resumes": self.resumes, **extra}
+
+
+def _setup_run(system: System, setting: Setting, train_ds, valid_ds, data_dir: str | Path,
+               config: TrainConfig, model_kwargs: dict, guide_kwargs: dict,
+               state: dict[str, Any] | None, resumed_from: Path | None,
+               device: torch.device | None = None) -> _RunSetup:
+    """Data, seeded model/guide pair, trainer and resumed state of :func:`_train` (shared with
+    other engines); ``device`` default: ``config.device``. Writes nothing."""
+    device = resolve_device(config.device) if device is None else device
     if config.threads:
         torch.set_num_threads(config.threads)
     x_train = system.observations(train_ds, device)
@@ -577,7 +620,6 @@ def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str |
     # An AutoGuide has latents for the training sequences only: it is validated on them.
     x_check = x_valid if config.guide == "amortized" else x_train
     trainer = make_trainer(system, setting, model, guide, config, n)
-    loss = trainer.loss
     if config.guide != "amortized":
         with torch.no_grad():
             guide(x_train, subsample=torch.arange(min(batch_size, n), device=device))  # create its parameters
@@ -603,13 +645,23 @@ def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str |
             raise ValueError(f"the run has already trained {start} epochs, more than the "
                              f"{config.epochs} asked for; ask for more epochs to continue it")
 
+    return _RunSetup(system, setting, data_dir, config, model_kwargs, guide_kwargs, device,
+                     x_train, x_check, n, model, guide, trainer, batch_size, history, best_val,
+                     start, resumes)
+
+
+def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str | Path,
+           run_dir: Path, config: TrainConfig, model_kwargs: dict, guide_kwargs: dict,
+           state: dict[str, Any] | None, resumed_from: Path | None, lock: DirectoryLock,
+           progress: bool) -> list[dict[str, float]]:
+    run = _setup_run(system, setting, train_ds, valid_ds, data_dir, config, model_kwargs,
+                     guide_kwargs, state, resumed_from)
+    model, guide, trainer, loss, device = run.model, run.guide, run.trainer, run.trainer.loss, run.device
+    x_train, x_check, n, batch_size = run.x_train, run.x_check, run.n, run.batch_size
+    history, best_val, start = run.history, run.best_val, run.start
     if not lock.held:
         lock.acquire()
-    meta = {"system": system.name, "system_source": dict(system.source), "setting": setting.value,
-            "model_kwargs": model_kwargs,
-            "guide_kwargs": guide_kwargs, "train_config": asdict(config),
-            "data_dir": str(Path(data_dir).resolve()), "n_train": n,
-            "torch_threads": torch.get_num_threads(), "resumes": resumes}
+    meta = run.meta()
     writer = _RunWriter(run_dir)
     writer.start(meta, history, fresh=state is None)
 

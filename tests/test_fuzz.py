@@ -395,3 +395,80 @@ def test_resume_from_damaged_checkpoints(world, mutation, seed, which):
     assert which == "all" or mutation not in damaged_only, "a damaged last.pt must not stop a resume"
     check_clear_error("resume", code, stderr, (*names, "no intact checkpoint", "no checkpoint"))
     assert snapshot(run) == before
+
+
+# -- bad observations through the Python API -----------------------------------------------------
+SYSTEMS = ("pendulum", "advdif", "locomotion", "galaxy", "lotka-volterra")
+
+def _systems():
+    from pyro_physvae.systems import get_system, load_plugin
+
+    load_plugin(Path(__file__).parents[1] / "examples" / "lotka_volterra" / "lotka_volterra_guide.py")
+    return {name: get_system(name) for name in SYSTEMS}
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Each system's tiny phys+nn+reg model, guide and 4 valid observations."""
+    out = {}
+    for name, system in _systems().items():
+        ds = system.generate(seed=0, **system.test_sizes["data"])["train"]
+        kwargs = {**system.model_kwargs_from_data(ds), **system.test_sizes.get("model", {})}
+        model, guide = system.build("phys+nn+reg", kwargs, system.test_sizes.get("guide", {}))
+        out[name] = (model, guide, system.observations(ds)[:4])
+    return out
+
+
+def _bad_observations(x: torch.Tensor, kind: str, axis: int, position: int) -> object:
+    """``x`` spoilt in one way; ``axis`` and ``position`` pick where."""
+    axis = axis % x.dim()
+    if kind == "numpy":
+        return x.numpy()
+    if kind == "list":
+        return x.tolist()
+    if kind in ("float64", "int64", "bool", "complex64"):
+        return x.to(getattr(torch, kind))
+    if kind == "shorter":
+        return x.narrow(max(axis, 1), 0, x.shape[max(axis, 1)] - 1)
+    if kind == "longer":
+        return torch.cat([x, x.narrow(max(axis, 1), 0, 1)], max(axis, 1))
+    if kind == "extra axis":
+        return x.unsqueeze(axis)
+    if kind == "missing axis":
+        return x.select(axis, 0)
+    if kind == "no rows":
+        return x[:0]
+    bad = x.clone().flatten()
+    bad[position % bad.numel()] = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf")}[kind]
+    return bad.reshape(x.shape)
+
+
+@FUZZ
+@given(system=st.sampled_from(SYSTEMS),
+       kind=st.sampled_from(["numpy", "list", "float64", "int64", "bool", "complex64", "shorter", "longer",
+                             "extra axis", "missing axis", "no rows", "nan", "inf", "-inf"]),
+       entry=st.sampled_from(["svi.step", "Predictive", "model", "guide"]),
+       axis=st.integers(0, 3), position=st.integers(0, 10**6))
+def test_bad_observations_through_the_api(pairs, system, kind, entry, axis, position):
+    import pyro
+    from pyro.infer import SVI, Predictive, Trace_ELBO
+
+    from pyro_physvae import PhysVAELoss
+
+    model, guide, x = pairs[system]
+    bad = _bad_observations(x, kind, axis, position)
+    pyro.clear_param_store()
+    before = {k: v.detach().clone() for k, v in (*model.state_dict().items(), *guide.state_dict().items())}
+    COUNTS["python api"]["tried"] += 1
+    with pytest.raises((ValueError, TypeError)) as error:
+        if entry == "svi.step":
+            SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), PhysVAELoss(Trace_ELBO())).step(bad)
+        elif entry == "Predictive":
+            Predictive(model, guide=guide, num_samples=2)(bad)
+        else:
+            (model if entry == "model" else guide)(bad)
+    message = str(error.value).splitlines()[0]
+    assert message.startswith(("x ", "x:", "'x'")) or " x " in message, message
+    for k, v in (*model.state_dict().items(), *guide.state_dict().items()):
+        assert torch.equal(v, before[k]), k
+    COUNTS["python api"]["clear error"] += 1

@@ -22,15 +22,14 @@ import xarray as xr
 from torchdiffeq import odeint
 
 from pyro_physvae.data.io import check_data_config, generate_splits, uniform_draws
-from pyro_physvae.data.pendulum import (
+from pyro_physvae.data.reference import (
     check_count,
     check_float32_range,
     check_split,
     positive_number,
     read_args_json,
     read_npy_array,
-    read_text_table,
-    select_columns,
+    read_true_params,
 )
 from pyro_physvae.pde import central_difference_matrix, second_difference_matrix
 from pyro_physvae.validation import check_positive_int, check_sequences
@@ -144,7 +143,6 @@ def make_dataset(x: np.ndarray, dx: float, dt: float, params: dict[str, np.ndarr
 
 #: The reference generator's column names of ``true_params_<split>.txt``, in its order,
 #: mapped to the data-set variable names (which a header may use as well).
-REFERENCE_COLUMNS = dict(zip(TEXT_HEADER, PARAMS, strict=True))
 
 
 def load_reference_npy(directory: str | os.PathLike, split: str, *, dx: float | None = None,
@@ -201,20 +199,8 @@ def load_reference_npy(directory: str | os.PathLike, split: str, *, dx: float | 
                              f"dx= and dt=)")
     check_count(args, "n_grids", x.shape[1], args_file, f"{data_file.name} has grids of")
     check_count(args, "len_episode", x.shape[2], args_file, f"{data_file.name} has sequences of")
-    params, attrs = None, {"source": str(directory)}
-    param_file = directory / f"true_params_{split}.txt"
-    if param_file.is_file():
-        table, names = read_text_table(param_file, "the true parameters, one row per sequence "
-                                       f"(columns {' '.join(TEXT_HEADER)})",
-                                       column_names=(*TEXT_HEADER, *PARAMS))
-        params, ignored = select_columns(table, names, param_file, REFERENCE_COLUMNS, x.shape[0],
-                                         f"sequence of {data_file.name}")
-        if ignored:
-            attrs["ignored_columns"] = " ".join(ignored)
-    elif require_params or (require_params is None and args_file.is_file()):
-        raise FileNotFoundError(
-            f"true parameter file not found: {param_file} (the reference generator writes it "
-            f"with {args_file.name}; pass require_params=False to read the data without it)")
+    params, attrs = read_true_params(directory, split, x.shape[0], data_file, args_file, TEXT_HEADER,
+                                     PARAMS, require_params)
     return make_dataset(x, grid["dx"], grid["dt"], params, split=split, attrs=attrs)
 
 

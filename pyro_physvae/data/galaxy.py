@@ -35,7 +35,7 @@ import xarray as xr
 from torch import Tensor
 
 from pyro_physvae.data.io import generate_splits
-from pyro_physvae.data.pendulum import read_npy_array
+from pyro_physvae.data.reference import read_npy_array
 from pyro_physvae.validation import check_positive_int
 
 SYSTEM = "galaxy"

@@ -36,7 +36,7 @@ import torch
 import xarray as xr
 
 from pyro_physvae.data.io import check_data_config, generate_splits, uniform_draws
-from pyro_physvae.data.pendulum import (
+from pyro_physvae.data.reference import (
     check_float32_range,
     check_split,
     read_bytes_head,
