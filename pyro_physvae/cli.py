@@ -269,9 +269,27 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         check_keyword_arguments(make_autoguide, guide_kwargs, bound=("kind", "model"),
                                 label=f"--guide-option (--guide {config.guide})")
-    history = train(system, setting, args.data, out, config, model_kwargs=model_kwargs,
-                    guide_kwargs=guide_kwargs, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.quiet)
+    if args.accelerator is None and args.devices is None and args.strategy is None:
+        history = train(system, setting, args.data, out, config, model_kwargs=model_kwargs,
+                        guide_kwargs=guide_kwargs, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    else:  # Lightning as the engine; rank 0 prints, the other processes only train
+        from pyro_physvae.distributed import launched_rank, train_lightning
+
+        devices = args.devices or 1
+        try:
+            history = train_lightning(system, setting, args.data, out, config,
+                                      accelerator=args.accelerator or "cpu", devices=devices,
+                                      strategy=args.strategy or ("ddp" if devices > 1 else "auto"),
+                                      model_kwargs=model_kwargs, guide_kwargs=guide_kwargs,
+                                      resume=args.resume, overwrite=args.overwrite,
+                                      progress=not args.quiet)
+        except Exception:
+            if launched_rank() != 0:  # rank 0 reports the same failure
+                raise SystemExit(2) from None
+            raise
+        if launched_rank() != 0:
+            return
     if not history:
         print(f"done: no epochs to run; checkpoints in {out}")
         return
@@ -551,6 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     fresh.add_argument("--overwrite", action="store_true",
                        help="start afresh in an OUT that already holds a run, replacing it")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    lt = t.add_argument_group(
+        "Lightning (many devices)", "Any of these trains through Lightning: one process per device, "
+        "gradients averaged over processes; --batch-size is the global batch, shared among them")
+    lt.add_argument("--accelerator", choices=["cpu", "gpu"], default=None, help="default: cpu")
+    lt.add_argument("--devices", type=_positive_int, default=None,
+                    help="CPU processes or GPUs (default: 1)")
+    lt.add_argument("--strategy", choices=["auto", "ddp"], default=None,
+                    help="ddp: one process per device (default with --devices > 1; gloo on CPU)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics and figures of a run on a split")
