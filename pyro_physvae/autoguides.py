@@ -62,8 +62,8 @@ def check_guide_kind(kind: str) -> str:
 def _data_plate(x: Tensor | None = None, *args, subsample: Tensor | None = None, init=None,
                 **kwargs) -> pyro.plate:
     """The model's ``data`` plate over the rows of ``x`` (or of ``init``)."""
-    size = (x if x is not None else init).shape[0]
-    return pyro.plate("data", size, subsample=subsample)
+    rows = x if x is not None else init
+    return pyro.plate("data", rows.shape[0], subsample=subsample, device=rows.device)
 
 
 def make_autoguide(kind: str, model: Callable, *, init_scale: float = 0.01,

@@ -326,7 +326,8 @@ class PhysVAEModel(PyroModule):
                              f"parameters of this model ({list(self.latent_sites)})")
         latents: dict[str, Tensor] = {}
         call = ComponentCall(self, "model")
-        with pyro.plate("data", n, subsample=subsample) as idx:
+        # The plate's own indices (no subsample given) on the data's device, not the CPU.
+        with pyro.plate("data", n, subsample=subsample, device=like.device) as idx:
             init_b = None
             if init is not None:
                 init_b = call.record("init", init[idx], event_dim=self.init_event_dim)
@@ -442,7 +443,7 @@ class PhysVAEGuide(PyroModule):
         s = self.setting
         out: dict[str, Tensor] = {}
         call = ComponentCall(self, "guide")
-        with pyro.plate("data", x.shape[0], subsample=subsample) as idx:
+        with pyro.plate("data", x.shape[0], subsample=subsample, device=x.device) as idx:
             x_b = x[idx]
             signal, locs, h = x_b, {}, self.features(x_b)
             for site, attr in {**self.state_encoders, **self.aux_encoders}.items():

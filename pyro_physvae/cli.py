@@ -321,7 +321,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     report = diagnose(args.run, args.data, split=args.split, num_samples=args.samples,
                       iwae_particles=args.iwae_particles,
                       calibrate_on=calibrate_on,
-                      out_dir=out, guide_steps=args.guide_steps, refine_steps=args.refine_steps)
+                      out_dir=out, guide_steps=args.guide_steps, refine_steps=args.refine_steps,
+                      device=args.device)
     print(json.dumps(report, indent=2))
     print(f"written to {out}")
 
@@ -335,7 +336,7 @@ def cmd_nuts(args: argparse.Namespace) -> None:
                          num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains,
                          seed=args.seed, out_dir=args.out, chain_method=args.chain_method,
                          mass_matrix=args.mass_matrix, max_tree_depth=args.max_tree_depth,
-                         amortized_draws=args.amortized_draws)
+                         amortized_draws=args.amortized_draws, device=args.device)
     if len(report["gap"]):
         print(markdown_table(report["gap"]))
     else:
@@ -349,7 +350,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> None:
 
     _check_run_inputs(args, (args.split,), f"counterfactual-{args.split}")
     report = counterfactual(args.run, args.data, split=args.split, factors=args.factors,
-                            parameter=args.parameter, n_sequences=args.sequences, out_dir=args.out)
+                            parameter=args.parameter, n_sequences=args.sequences, out_dir=args.out,
+                            device=args.device)
     name = report["parameter"]
     for r in report["results"]:
         physics = f"  (physics part {r['physics_only_mse']:.4g})" if "physics_only_mse" in r else ""
@@ -361,7 +363,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> None:
 
     _check_run_inputs(args, (args.split,), f"extrapolate-{args.split}")
     report = extrapolate(args.run, args.data, split=args.split, n_steps=args.steps,
-                         n_sequences=args.sequences, num_samples=args.samples, out_dir=args.out)
+                         n_sequences=args.sequences, num_samples=args.samples, out_dir=args.out,
+                         device=args.device)
     print(f"{report['system']} {report['setting']}: rolled out {report['n_steps']} steps from a "
           f"{report['train_steps']}-step window, {report['n_sequences']} sequences"
           f"{' (BLOW-UP: the field norm grew)' if report['blowup'] else ''}")
@@ -598,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_argument(d)
     _add_guide_arguments(d)
     d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
+    d.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     d.set_defaults(func=cmd_diagnose)
 
     n = sub.add_parser("nuts", help="NUTS over a few sequences' latents (nets fixed), amortization gap")
@@ -615,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws of the amortized guide compared with NUTS")
     n.add_argument("--seed", type=_seed, default=0)
     n.add_argument("--out", default=None, help="default: RUN/nuts-SPLIT")
+    n.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     n.set_defaults(func=cmd_nuts)
 
     c = sub.add_parser("counterfactual", help="decode with a physics parameter scaled (e.g. the "
@@ -626,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the physics parameter to scale (default: the model's first)")
     c.add_argument("--sequences", type=_positive_int, default=100)
     c.add_argument("--out", default=None)
+    c.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     c.set_defaults(func=cmd_counterfactual)
 
     x = sub.add_parser("extrapolate", help="roll a run out far past its training window and "
@@ -636,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--samples", type=_positive_int, default=50,
                    help="posterior draws averaged for each sequence's latents")
     x.add_argument("--out", default=None, help="default: RUN/extrapolate-SPLIT")
+    x.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
     x.set_defaults(func=cmd_extrapolate)
 
     q = sub.add_parser("quickstart", help="generate, train briefly, evaluate, write a report")

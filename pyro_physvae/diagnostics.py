@@ -81,7 +81,7 @@ def _plate_nesting(model: Callable, guide: Callable, x: Tensor, **kwargs) -> int
 def _traces_over_draws(model: Callable, guide: Callable, x: Tensor, num_draws: int,
                        nesting: int, **kwargs) -> tuple[Trace, Trace]:
     """Guide and model traces with ``num_draws`` draws in a plate left of the model's."""
-    with pyro.plate(_DRAWS_PLATE, num_draws, dim=-(nesting + 1)):
+    with pyro.plate(_DRAWS_PLATE, num_draws, dim=-(nesting + 1), device=x.device):
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
     return guide_trace, model_trace
@@ -185,12 +185,14 @@ def iwae_log_likelihood(
 def _summed_log_prob(trace: Trace, n: int) -> Tensor:
     """Sum of every sample site's log-density as ``(K, n)``; sites outside the data plate
     (``(K, 1)``) broadcast, deterministic and auxiliary sites are masked to zero."""
-    total = torch.zeros(())
+    total = None  # on the sites' device (a CPU zero would stay on the CPU for no site)
     for site in _sample_sites(trace).values():
         lp = site["fn"].log_prob(site["value"])
         if site["mask"] is not None and site["mask"] is not True:
             lp = lp * site["mask"]
-        total = total + lp
+        total = lp if total is None else total + lp
+    if total is None:
+        return torch.zeros(())
     return total.reshape(total.shape[0], -1).expand(-1, n) if total.dim() else total
 
 

@@ -75,6 +75,7 @@ from pyro_physvae.train import (
     _RunSetup,
     _RunWriter,
     _setup_run,
+    device_rng_state,
 )
 
 ACCELERATORS = ("cpu", "gpu")
@@ -404,7 +405,7 @@ def _lightning_module_class() -> type:
             return {**self.meta, "epoch": epoch, "best_val": self.best_val, "history": self.history,
                     "model_state": self.model.state_dict(), "guide_state": self.guide.state_dict(),
                     "optimizer_state": self.run.trainer.optimizer.state_dict(),
-                    "rng_state": torch.get_rng_state()}
+                    "rng_state": torch.get_rng_state(), **device_rng_state(self.run.device)}
 
         def close(self) -> None:
             if self.writer is not None:

@@ -123,12 +123,16 @@ class Run:
         return refine_steps if self.guide is not None else 0
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
-    """Rebuild the model and guide of ``run_dir`` from ``checkpoint`` (weights only)."""
+def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str | torch.device = "cpu") -> Run:
+    """Rebuild the model and guide of ``run_dir`` from ``checkpoint`` (weights only), on
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; a checkpoint written on any device
+    loads on any other)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    state = load_checkpoint(run_dir / checkpoint, map_location=device)
+    device = resolve_device(str(device))
+    # Read onto the CPU, where the modules are built; the modules then move as a whole.
+    state = load_checkpoint(run_dir / checkpoint, map_location="cpu")
     system = get_system(state["system"], source=state.get("system_source"))
     setting = Setting.parse(state["setting"])
     kind = state.get("train_config", {}).get("guide", "amortized")
@@ -391,7 +395,8 @@ def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out:
 def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
              num_samples: int = 200, iwae_particles: int = 100, calibrate_on: str | None = "valid",
              out_dir: str | Path | None = None, checkpoint: str = "best.pt", seed: int = 0,
-             guide_steps: int = 1000, refine_steps: int = 0, chains: int = 4) -> dict[str, Any]:
+             guide_steps: int = 1000, refine_steps: int = 0, chains: int = 4,
+             device: str = "cpu") -> dict[str, Any]:
     """Posterior diagnostics of a run on a split, written to ``out_dir``
     (default ``run_dir/diagnose-<split>``):
 
@@ -421,16 +426,17 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
 
     An AutoGuide run fits its guide on each split first (``guide_steps`` steps); an amortized
     run's posterior is refined per sequence on each split for ``refine_steps`` steps if that
-    is positive (see :func:`evaluate`).
+    is positive (see :func:`evaluate`). ``device``: where the model, the guide and the data
+    live (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the draws go to the CPU for ArviZ and the files.
     """
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device)
     ds = run.load(split, data_dir)
-    x = run.system.observations(ds)
+    x = run.system.observations(ds, device)
 
     def guide_for(x: Tensor) -> Callable:
         return run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
 
-    cal_split = calibration_split(run, split, calibrate_on, data_dir, guide_for)
+    cal_split = calibration_split(run, split, calibrate_on, data_dir, guide_for, device)
     cal = fit_calibration(run, cal_split, num_samples, seed)
     guide = guide_for(x)
     draws = with_noise(sample_posterior(run.model, guide, x, num_samples, seed=seed), x, cal.noise, seed=seed)
@@ -522,7 +528,7 @@ def _plot_forest(idata: az.InferenceData, physics: tuple[str, ...], ds: xr.Datas
 def counterfactual(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
                    factors: Sequence[float] = COUNTERFACTUAL_FACTORS, parameter: str | None = None,
                    n_sequences: int = 100, num_samples: int = 100, out_dir: str | Path | None = None,
-                   checkpoint: str = "best.pt", seed: int = 0) -> dict[str, Any]:
+                   checkpoint: str = "best.pt", seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Decode sequences with one inferred physics parameter multiplied by each factor and
     compare with the system's truth with the true parameter multiplied by the same factor
     (the system's ``counterfactual_truth``).
@@ -533,6 +539,7 @@ def counterfactual(run_dir: str | Path, data_dir: str | Path | None = None, *, s
     Writes ``counterfactual.json`` (per factor the MSE of the full decoding and, where the
     model records one, of its physics-only part ``x_P``, against the truth) and
     ``counterfactual.png`` to ``out_dir`` (default ``run_dir/counterfactual-<split>``).
+    ``device``: where the model and the data live (the truth is moved there).
 
     Raises:
         ValueError: a factor that is not positive and finite; a system without
@@ -543,18 +550,18 @@ def counterfactual(run_dir: str | Path, data_dir: str | Path | None = None, *, s
     for f in factors:
         if not (math.isfinite(f) and f > 0):
             raise ValueError(f"factors must be positive and finite, got {f}")
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device)
     name = _counterfactual_parameter(run, parameter)
     ds = run.load(split, data_dir)
     ds = ds.isel(sequence=slice(0, check_positive_int(n_sequences, "n_sequences")))
-    x = run.system.observations(ds)
+    x = run.system.observations(ds, device)
     draws = sample_posterior(run.model, run.guide_for(x, seed=seed), x, num_samples, seed=seed)
     mean = {k: draws[k].mean(0) for k in run.model.latent_sites}
     init = run.model.initial_condition(x)
     results, curves, clamped = [], {}, False
     with torch.no_grad():
         for f in factors:
-            true = run.system.counterfactual_truth(ds, name, f).to(x.dtype)
+            true = run.system.counterfactual_truth(ds, name, f).to(x)  # x's dtype and device
             dec, clamped = decode_unclamped(run.model, init, {**mean, name: mean[name] * f})
             row = {"factor": f, "mse": float((dec["x_mean"] - true).pow(2).mean())}
             if "x_P" in dec:

@@ -95,21 +95,23 @@ def horizon_table(errors: Mapping[str, np.ndarray], horizons: Sequence[int]) -> 
 def extrapolate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: str = "test",
                 n_steps: int = 1000, n_sequences: int = 200, num_samples: int = 50,
                 horizons: Sequence[int] = HORIZONS, out_dir: str | Path | None = None,
-                checkpoint: str = "best.pt", seed: int = 0, guide_steps: int = 1000) -> dict[str, Any]:
+                checkpoint: str = "best.pt", seed: int = 0, guide_steps: int = 1000,
+                device: str = "cpu") -> dict[str, Any]:
     """Roll a run out to ``n_steps`` on the first ``n_sequences`` of a split and compare with
     the truth. Writes ``extrapolation.json`` (per-horizon table and per-step error curves),
     ``extrapolation_error.png`` and ``space_time.png`` (truth, model, error for three
-    sequences) to ``out_dir`` (default ``run_dir/extrapolate-<split>``)."""
+    sequences) to ``out_dir`` (default ``run_dir/extrapolate-<split>``). ``device``: where the
+    model and the data live (the truth is moved there)."""
     horizons = tuple(h for h in horizons if h <= n_steps)
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device)
     if run.system.true_observations is None:
         raise ValueError(f"the {run.system.name} system has no known truth to extrapolate against")
     ds = run.load(split, data_dir)
     ds = ds.isel(sequence=slice(0, check_positive_int(n_sequences, "n_sequences")))
-    x = run.system.observations(ds)
+    x = run.system.observations(ds, device)
     guide = run.guide_for(x, steps=guide_steps, seed=seed)
     curves = rollout(run.model, guide, x, n_steps, num_samples=num_samples, seed=seed)
-    truth = run.system.true_observations(ds, n_steps).to(x.dtype)
+    truth = run.system.true_observations(ds, n_steps).to(x)  # x's dtype and device
     errors = {name: errors_by_step(value, truth) for name, value in curves.items()}
     finite = bool(all(torch.isfinite(v).all() for v in curves.values()))
     dt = float(run.model.dt)  # the roll-out's time step: the model's grid, as the data's

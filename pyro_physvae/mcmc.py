@@ -421,7 +421,8 @@ def _starting_values(model: PyroModule, x: Tensor, layout: LatentLayout, guide: 
     cand = _candidates(model, x, layout, guide, max(num_candidates, num_chains))
     starts = _best_candidates(model, x, layout, cand, num_chains)
     starts, hess = _newton_refine(model, x, layout, starts, refine_steps)
-    center = starts[_safe_log_joint(model, x, layout, starts).argmax(0), torch.arange(x.shape[0])]
+    rows = torch.arange(x.shape[0], device=x.device)
+    center = starts[_safe_log_joint(model, x, layout, starts).argmax(0), rows]
     starts = _same_branch(starts, center, _periodic_positions(model, layout))
     cov, good = _laplace_covariance(hess)  # (C, K, D, D), (C, K)
     weight = good.to(cov.dtype)[..., None, None]
@@ -561,7 +562,7 @@ def dense_inverse_mass(layout: LatentLayout, correlation: Tensor) -> Tensor:
     """The ``(K D, K D)`` block-diagonal inverse mass matrix of the standardized latents:
     each sequence's ``(D, D)`` correlation block placed at its scalars' positions."""
     K, D = correlation.shape[0], layout.dim
-    index = _pyro_order(layout, K)
+    index = _pyro_order(layout, K).to(correlation.device)
     out = torch.zeros(K * D, K * D, dtype=correlation.dtype, device=correlation.device)
     for k in range(K):
         out[index[k][:, None], index[k][None, :]] = correlation[k]
@@ -1110,6 +1111,7 @@ def nuts_report(
     mass_matrix: str = "laplace",
     max_tree_depth: int = 8,
     progress: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """NUTS on a few sequences of a trained run, and the amortization gap of its guide.
 
@@ -1132,7 +1134,8 @@ def nuts_report(
       gap table without rows and no figure.
 
     The observations' dims and coordinates in ``nuts.nc`` are the data set's
-    (``ds["x"].dims`` and coords) where they match ``model.observation_dims``.
+    (``ds["x"].dims`` and coords) where they match ``model.observation_dims``. ``device``: where
+    the model, the guide, the data and the chains live (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
 
     Returns:
         ``max_r_hat``, ``min_ess_bulk``, ``min_ess_tail`` (over all latent scalars),
@@ -1147,11 +1150,11 @@ def nuts_report(
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device)
     ds = run.load(split, data_dir)
     idx = check_sequence_indices(sequences, int(ds.sizes["sequence"]))
     ds = ds.isel(sequence=idx)
-    x = run.system.observations(ds)
+    x = run.system.observations(ds, device)
     ids = [int(v) for v in ds["sequence"].values] if "sequence" in ds.coords else idx
     guide = run.guide_for(x, seed=seed)
     mcmc = run_nuts(run.model, x, guide=guide, num_samples=num_samples,

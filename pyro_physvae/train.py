@@ -194,6 +194,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_rng_state(device: torch.device) -> dict[str, Tensor]:
+    """What a checkpoint keeps of ``device``'s random state besides the CPU's ``rng_state``:
+    on CUDA the guide's draws and the minibatch permutations come from the GPU's own
+    generator, so a resumed run needs it to continue as if it had never stopped
+    (``{"cuda_rng_state": ...}``; nothing on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_rng_state": torch.cuda.get_rng_state(device)}
+
+
 @contextmanager
 def _divergence_as_error():
     """Turn Pyro's rejection of NaN distribution parameters ("found invalid values"), which
@@ -636,6 +646,8 @@ def _setup_run(system: System, setting: Setting, train_ds, valid_ds, data_dir: s
             group["lr"] = config.lr
         history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
         torch.set_rng_state(state["rng_state"])
+        if "cuda_rng_state" in state and device.type == "cuda":  # the draws made on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), device)
         before = TrainConfig.from_dict(state["train_config"])
         changed = {k: [getattr(before, k), getattr(config, k)] for k in RESUMABLE
                    if getattr(before, k) != getattr(config, k)}
@@ -669,7 +681,7 @@ def _train(system: System, setting: Setting, train_ds, valid_ds, data_dir: str |
         return {**meta, "epoch": epoch, "best_val": best_val, "history": history,
                 "model_state": model.state_dict(), "guide_state": guide.state_dict(),
                 "optimizer_state": trainer.optimizer.state_dict(),
-                "rng_state": torch.get_rng_state()}
+                "rng_state": torch.get_rng_state(), **device_rng_state(device)}
 
     bar = tqdm(range(start, config.epochs), desc=f"{system.name} {setting.value}",
                disable=not progress, initial=start, total=config.epochs, dynamic_ncols=True)
