@@ -391,9 +391,11 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
                       threads=args.threads),
           overwrite=True, progress=not args.quiet)  # the quick start's own directory: redone
     print("[3/4] evaluating on the test split")
-    metrics = evaluate(run_dir, data_dir, split="test", num_samples=100, out_dir=out / "eval")
+    metrics = evaluate(run_dir, data_dir, split="test", num_samples=100, out_dir=out / "eval",
+                       device=args.device)
     print("[4/4] counterfactual: the physics parameter scaled past its training range")
-    cf = counterfactual(run_dir, data_dir, split="test", n_sequences=100, out_dir=out / "eval")
+    cf = counterfactual(run_dir, data_dir, split="test", n_sequences=100, out_dir=out / "eval",
+                        device=args.device)
     report = _report(metrics, cf, args.epochs)
     (out / "REPORT.md").write_text(report)
     print(report)
