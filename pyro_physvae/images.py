@@ -101,15 +101,15 @@ def angle_metrics(samples: Tensor, truth: np.ndarray, period: float, level: floa
     direction, recalibrated where ``calibration`` has a fit for ``name`` and raw
     (``..._raw``; see :func:`pyro_physvae.report.interval_metrics`). ``samples (S, N)``,
     ``truth (N,)``; ``seq (N,)``: the rows' spread factors for ``"seq-rescale+widen"``."""
-    truth_t = torch.as_tensor(np.asarray(truth), dtype=samples.dtype)
+    truth_t = torch.as_tensor(np.asarray(truth), dtype=samples.dtype, device=samples.device)
     mean = circular_mean(samples, period)
     err = wrapped_error(mean - truth_t, period).abs()
     deg = 360.0 / (2 * math.pi)
     return {"mae": float(err.mean()), "rmse": float(err.pow(2).mean().sqrt()),
             "median_abs_error": float(err.median()), "mae_deg": float(err.mean()) * deg,
             "median_abs_error_deg": float(err.median()) * deg,
-            "corr": circular_correlation(mean.numpy(), truth, period),
-            "error_concentration": error_concentration(mean.numpy(), truth, period),
+            "corr": circular_correlation(mean.cpu().numpy(), truth, period),
+            "error_concentration": error_concentration(mean.cpu().numpy(), truth, period),
             **interval_metrics(samples, np.asarray(truth), calibration, name, level=level, period=period,
                                seq=seq),
             "period": float(period)}
@@ -124,7 +124,7 @@ def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None,
     if period is not None:
         return angle_metrics(samples, truth, period, calibration=calibration, name=name, seq=seq)
     out = parameter_metrics(samples, truth, calibration=calibration, name=name, seq=seq)
-    out["median_abs_error"] = float(np.median(np.abs(samples.mean(0).numpy() - truth)))
+    out["median_abs_error"] = float(np.median(np.abs(samples.mean(0).cpu().numpy() - truth)))
     return out
 
 
@@ -226,7 +226,7 @@ def _period(model: Any, name: str) -> float | None:
 def image_moments(img: Tensor, mask_radius: float = 0.9) -> dict[str, Tensor]:
     """Flux, orientation [rad, modulo pi] and axis ratio (from second moments) of images
     ``(..., C, S, S)`` summed over bands, inside the disk of ``mask_radius``."""
-    x, y = pixel_grid(img.shape[-1], dtype=img.dtype)
+    x, y = pixel_grid(img.shape[-1], dtype=img.dtype, device=img.device)
     w = img.sum(-3) * ((x**2 + y**2) <= mask_radius**2)
     flux = w.sum((-2, -1))
     mx, my = (w * x).sum((-2, -1)) / flux, (w * y).sum((-2, -1)) / flux
@@ -261,11 +261,11 @@ def rotation_check(model: Any, base: Mapping[str, Tensor], name: str = "theta", 
     """
     a0 = base[name]
     k = a0.shape[0]
-    deltas = torch.arange(n_angles, dtype=a0.dtype) * math.pi / n_angles  # includes 0
+    deltas = torch.arange(n_angles, dtype=a0.dtype, device=a0.device) * math.pi / n_angles  # includes 0
     lat = {n: v.unsqueeze(0).expand(n_angles, *v.shape) for n, v in base.items()}
     lat[name] = a0.unsqueeze(0) + deltas[:, None]  # (J, K)
     images = decode_latents(model, lat)
-    x, y = pixel_grid(images["x_mean"].shape[-1], dtype=a0.dtype)
+    x, y = pixel_grid(images["x_mean"].shape[-1], dtype=a0.dtype, device=a0.device)
     mask = ((x**2 + y**2) <= mask_radius**2).to(a0.dtype)
     out: dict[str, float] = {"n_galaxies": k, "n_angles": n_angles}
     for key, label in (("x_mean", ""), ("x_P", "_physics")):
@@ -357,8 +357,9 @@ def plot_generations(model: Any, path: Path, n: int = 8, seed: int = 0) -> Path:
     pyro.set_rng_seed(seed)
     rows, labels = [], []
     if model.physics_parameters:
-        lat = {p.name: p.sample_uniform((n,)) for p in model.physics_parameters}
-        lat.update({k: torch.randn(n, d) for k, d in model.aux_dims.items()})
+        dev = model._dtype_probe().device
+        lat = {p.name: p.sample_uniform((n,), device=dev) for p in model.physics_parameters}
+        lat.update({k: torch.randn(n, d, device=dev) for k, d in model.aux_dims.items()})
         images = decode_latents(model, lat)
         rows += [{f"sample {i}": images[key][i] for i in range(n)} for key in ("x_mean", "x_P")]
         labels += ["z_P uniform in range", "its physics part"]
@@ -371,10 +372,11 @@ def plot_generations(model: Any, path: Path, n: int = 8, seed: int = 0) -> Path:
 def traversal_values(model: Any, name: str, n: int) -> Tensor:
     """``n`` values of a physics parameter across its prior range (an angle: one period)."""
     p = next(q for q in model.physics_parameters if q.name == name)
+    dev = model._dtype_probe().device
     period = getattr(p, "period", None)
     if period is not None:
-        return p.low + torch.arange(n) * period / n
-    return torch.linspace(p.low, p.high, n)
+        return p.low + torch.arange(n, device=dev) * period / n
+    return torch.linspace(p.low, p.high, n, device=dev)
 
 
 @torch.no_grad()
@@ -405,7 +407,7 @@ def plot_parameter_recovery(summary: Mapping[str, Tensor], ds: xr.Dataset, model
         if period is None:
             paths.append(plot_parameter(ds[p.name].values, summary[p.name], p.name, out / f"{p.name}.png"))
             continue
-        mean = circular_mean(summary[p.name], period).numpy()
+        mean = circular_mean(summary[p.name], period).cpu().numpy()
         truth = np.remainder(ds[p.name].values, period)
         fig, ax = plt.subplots(figsize=(4.2, 4))
         ax.plot(truth, mean, ".", ms=3, alpha=0.6)

@@ -40,10 +40,6 @@ LOTKA_VOLTERRA = Path(__file__).parents[1] / "examples" / "lotka_volterra" / "lo
 ALL_SYSTEMS = (*SYSTEMS, "lotka-volterra")
 #: rtol, atol of the per-sequence log joint density, CPU against the device.
 TOLERANCE = {torch.float64: (1e-8, 1e-6), torch.float32: (1e-4, 1e-2)}
-#: The galaxy evaluator (pyro_physvae/images.py) makes CPU tensors for the generations, the
-#: traversals and the rotation check and calls .numpy() on device tensors; until it is fixed
-#: (see the GPU-readiness notes of issue 21, item 4) its evaluation on CUDA is expected to fail.
-GALAXY_EVALUATOR_ON_CPU_ONLY = "pyro_physvae/images.py builds CPU tensors for a CUDA model"
 
 
 def system_named(name: str) -> System:
@@ -99,9 +95,7 @@ def test_train_on_device(system, run_dir):
         assert {t.device.type for t in tensors} == {torch.device(DEVICE).type}
 
 
-def test_evaluate_on_device(system, run_dir, tmp_path, request):
-    if system.name == "galaxy" and DEVICE.startswith("cuda"):
-        request.applymarker(pytest.mark.xfail(reason=GALAXY_EVALUATOR_ON_CPU_ONLY, strict=False))
+def test_evaluate_on_device(system, run_dir, tmp_path):
     metrics = evaluate(run_dir, split="test", num_samples=4, iwae_particles=4, guide_steps=5,
                        out_dir=tmp_path / "eval", device=DEVICE)
     assert metrics["system"] == system.name and finite(metrics["recon_mse"])
