@@ -24,7 +24,8 @@ class LotkaVolterraGuide(PhysVAEGuide):
                  hidden_unmixer: Widths = (128, 128)) -> None:
         super().__init__(name="lotka_volterra_guide")
         self.setting = s = model.setting
-        self.x_event_dim, self.event_shape, size = model.x_event_dim, model.observation_shape(), 2 * model.n_steps
+        self.x_event_dim, self.event_shape = model.x_event_dim, model.observation_shape()  # (2, T)
+        size = 2 * model.n_steps
 
         def encoder(dim: int, positive: bool = False) -> nn.Module:  # (..., 2, T) -> loc, scale (..., dim)
             mlp = MLP(size, hidden, feat_dim, final_activation=True)
