@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import torch
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_physvae.data.io import SPLITS, save_dataset
+from pyro_physvae.devices import full_fp32
 from pyro_physvae.evaluate import diagnose, evaluate, load_run
 from pyro_physvae.mcmc import log_joint
 from pyro_physvae.systems import SYSTEMS, System, get_system, load_plugin
@@ -89,26 +89,6 @@ def write_data(system: System, path: Path, sizes: dict[str, int], seed: int = 0)
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-@contextmanager
-def full_fp32():
-    """cuDNN convolutions in IEEE float32 (not TF32) for the duration."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        before = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = before
-    else:
-        before = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = before
 
 
 def timed(on: str, fn, *args, **kwargs) -> tuple[Any, float]:

@@ -35,6 +35,7 @@ from torch import Tensor  # noqa: E402
 
 from pyro_physvae.autoguides import fit_local_guide, refine_amortized_guide  # noqa: E402
 from pyro_physvae.checkpoint import load_checkpoint, load_module_state  # noqa: E402
+from pyro_physvae.devices import resolve_device  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
     DEFAULT_INTERVAL_METHOD,
     calibration,
@@ -73,7 +74,7 @@ from pyro_physvae.report import (  # noqa: E402
 )
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.systems import System, get_system  # noqa: E402
-from pyro_physvae.train import build_pair, resolve_device  # noqa: E402
+from pyro_physvae.train import build_pair  # noqa: E402
 from pyro_physvae.validation import check_positive_int  # noqa: E402
 
 #: Factors of the physics parameter in :func:`counterfactual` by default.

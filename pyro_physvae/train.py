@@ -44,6 +44,7 @@ from pyro_physvae.checkpoint import (
     load_module_state,
     write_checkpoint_bytes,
 )
+from pyro_physvae.devices import resolve_device
 from pyro_physvae.files import DirectoryLock, atomic_write, remove_temporaries
 from pyro_physvae.ode import IntegrationError
 from pyro_physvae.regularizers import NonFiniteStep, PhysVAELoss, _SiteRecorder, refuse_non_finite_step
@@ -186,12 +187,6 @@ def build_pair(system: System, setting: str | Setting, guide: str = "amortized",
         return system.build(setting, model_kwargs, guide_kwargs)
     model = system.model_cls(Setting.parse(setting), **(model_kwargs or {}))
     return model, make_autoguide(guide, model, **(guide_kwargs or {}))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available here")
-    return torch.device(name)
 
 
 def device_rng_state(device: torch.device) -> dict[str, Tensor]:

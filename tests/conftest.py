@@ -16,7 +16,7 @@ from pyro_physvae.data.io import SPLITS, save_dataset
 from pyro_physvae.guides.pendulum import PendulumGuide
 from pyro_physvae.models.pendulum import PendulumModel
 from pyro_physvae.settings import SETTINGS
-from pyro_physvae.systems import get_system
+from pyro_physvae.systems import SYSTEMS, System, get_system, load_plugin
 
 #: Sizes of the tiny generated data set used by the training tests.
 TINY_SIZES = {"n_train": 64, "n_valid": 32, "n_test": 16, "n_steps": 20}
@@ -93,3 +93,22 @@ def tiny_data_dir(tmp_path_factory, tiny_datasets) -> Path:
     for split in SPLITS:
         save_dataset(tiny_datasets[split], path / f"{split}.nc")
     return path
+
+
+#: The example plugin's system, defined outside the package (see examples/lotka_volterra).
+LOTKA_VOLTERRA = Path(__file__).parents[1] / "examples" / "lotka_volterra" / "lotka_volterra_guide.py"
+#: The four built-in systems and the plugin's: what every system must pass.
+ALL_SYSTEMS = (*SYSTEMS, "lotka-volterra")
+
+
+def system_named(name: str) -> System:
+    """A built-in system, or the example plugin's (registered by loading its file)."""
+    if name == "lotka-volterra":
+        load_plugin(LOTKA_VOLTERRA)
+    return get_system(name)
+
+
+@pytest.fixture(scope="module", params=ALL_SYSTEMS)
+def system(request) -> System:
+    """Each of the five systems in turn (modules that need one system define their own)."""
+    return system_named(request.param)

@@ -30,6 +30,7 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from conftest import LOTKA_VOLTERRA
 from pyro.infer import Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_physvae import PhysVAELoss, Widths
@@ -41,24 +42,8 @@ from pyro_physvae.data.io import SPLITS, save_dataset
 from pyro_physvae.evaluate import load_run
 from pyro_physvae.regularizers import REGULARIZER_SITE, model_precision, wrapped_error
 from pyro_physvae.settings import SETTINGS, Setting
-from pyro_physvae.systems import SYSTEMS, System, get_system, load_plugin
+from pyro_physvae.systems import System
 from pyro_physvae.train import TrainConfig, train
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
-LOTKA_VOLTERRA = EXAMPLES / "lotka_volterra" / "lotka_volterra_guide.py"
-ALL_SYSTEMS = (*SYSTEMS, "lotka-volterra")
-
-
-def system_named(name: str) -> System:
-    """A built-in system, or the example plugin's (registered by loading its file)."""
-    if name == "lotka-volterra":
-        load_plugin(LOTKA_VOLTERRA)
-    return get_system(name)
-
-
-@pytest.fixture(scope="module", params=ALL_SYSTEMS)
-def system(request) -> System:
-    return system_named(request.param)
 
 
 @pytest.fixture(scope="module")

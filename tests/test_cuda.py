@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
@@ -26,31 +25,21 @@ from pyro.poutine.util import prune_subsample_sites
 
 from pyro_physvae.checkpoint import load_checkpoint
 from pyro_physvae.data.io import SPLITS, save_dataset
+from pyro_physvae.devices import full_fp32
 from pyro_physvae.evaluate import counterfactual, diagnose, evaluate, load_run
 from pyro_physvae.extrapolation import extrapolate
 from pyro_physvae.mcmc import log_joint, nuts_report
-from pyro_physvae.systems import SYSTEMS, System, get_system, load_plugin
+from pyro_physvae.systems import System, get_system
 from pyro_physvae.train import TrainConfig, train
 
 DEVICE = os.environ.get("PHYSVAE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
                                 reason="needs a CUDA device (PHYSVAE_TEST_DEVICE=cpu dry-runs it on the CPU)")
 
-LOTKA_VOLTERRA = Path(__file__).parents[1] / "examples" / "lotka_volterra" / "lotka_volterra_guide.py"
-ALL_SYSTEMS = (*SYSTEMS, "lotka-volterra")
 #: rtol, atol of the per-sequence log joint density, CPU against the device.
 TOLERANCE = {torch.float64: (1e-8, 1e-6), torch.float32: (1e-4, 1e-2)}
 
 
-def system_named(name: str) -> System:
-    if name == "lotka-volterra":
-        load_plugin(LOTKA_VOLTERRA)
-    return get_system(name)
-
-
-@pytest.fixture(scope="module", params=ALL_SYSTEMS)
-def system(request) -> System:
-    return system_named(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -111,26 +100,6 @@ def test_diagnose_on_device(system, run_dir, tmp_path):
 
 
 # -- the same density on both devices ------------------------------------------------------------
-@contextmanager
-def full_fp32():
-    """cuDNN convolutions in IEEE float32 (not TF32) for the duration."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        before = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = before
-    else:  # older torch
-        before = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = before
-
-
 def fixed_trace_log_density(run_dir: Path, device: str, dtype: torch.dtype, seed: int = 0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p(x_k, z_k)`` per test sequence on ``device`` in ``dtype``, with the trained weights

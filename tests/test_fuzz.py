@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import ALL_SYSTEMS, system_named
 from hypothesis import HealthCheck, given, settings
 
 from pyro_physvae.checkpoint import encode_checkpoint, load_checkpoint
@@ -398,20 +399,12 @@ def test_resume_from_damaged_checkpoints(world, mutation, seed, which):
 
 
 # -- bad observations through the Python API -----------------------------------------------------
-SYSTEMS = ("pendulum", "advdif", "locomotion", "galaxy", "lotka-volterra")
-
-def _systems():
-    from pyro_physvae.systems import get_system, load_plugin
-
-    load_plugin(Path(__file__).parents[1] / "examples" / "lotka_volterra" / "lotka_volterra_guide.py")
-    return {name: get_system(name) for name in SYSTEMS}
-
-
 @pytest.fixture(scope="module")
 def pairs():
     """Each system's tiny phys+nn+reg model, guide and 4 valid observations."""
     out = {}
-    for name, system in _systems().items():
+    for name in ALL_SYSTEMS:
+        system = system_named(name)
         ds = system.generate(seed=0, **system.test_sizes["data"])["train"]
         kwargs = {**system.model_kwargs_from_data(ds), **system.test_sizes.get("model", {})}
         model, guide = system.build("phys+nn+reg", kwargs, system.test_sizes.get("guide", {}))
@@ -444,7 +437,7 @@ def _bad_observations(x: torch.Tensor, kind: str, axis: int, position: int) -> o
 
 
 @FUZZ
-@given(system=st.sampled_from(SYSTEMS),
+@given(system=st.sampled_from(ALL_SYSTEMS),
        kind=st.sampled_from(["numpy", "list", "float64", "int64", "bool", "complex64", "shorter", "longer",
                              "extra axis", "missing axis", "no rows", "nan", "inf", "-inf"]),
        entry=st.sampled_from(["svi.step", "Predictive", "model", "guide"]),

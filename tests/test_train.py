@@ -13,6 +13,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_physvae.base as base_module
 from pyro_physvae.checkpoint import load_checkpoint
+from pyro_physvae.devices import full_fp32, resolve_device
 from pyro_physvae.ode import IntegrationError
 from pyro_physvae.regularizers import (
     PhysicsAugmentation,
@@ -28,7 +29,6 @@ from pyro_physvae.train import (
     TrainingDiverged,
     make_loss,
     read_history,
-    resolve_device,
     train,
 )
 
@@ -232,6 +232,20 @@ def test_train_config_accepts_cuda_names_and_from_dict():
     assert TrainConfig(device="cuda:1").device == "cuda:1"
     c = TrainConfig.from_dict({"epochs": 7, "lr": 0.01, "not_a_field": 1})
     assert c.epochs == 7 and c.lr == 0.01 and c.batch_size == 200
+
+
+def test_full_fp32_sets_ieee_float32_and_restores_the_setting():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        before = conv.fp32_precision
+        with full_fp32():
+            assert conv.fp32_precision == "ieee"
+        assert conv.fp32_precision == before
+    else:
+        before = torch.backends.cudnn.allow_tf32
+        with full_fp32():
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 == before
 
 
 def test_resolve_device():
