@@ -42,7 +42,6 @@ def _number(kind: type, what: str, ok: Callable[[float], bool]):
 
 _positive_int = _number(int, "a positive integer", lambda v: v > 0)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
-_finite_float = _number(float, "a number", lambda v: True)
 _positive_float = _number(float, "a positive number", lambda v: v > 0)
 _non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
 _renyi_order = _number(float, "a number >= 0 other than 1", lambda v: v >= 0 and v != 1)
