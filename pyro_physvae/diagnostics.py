@@ -573,6 +573,8 @@ def plot_pareto_k(idata: az.InferenceData, path, title: str = "") -> None:
         loo = az.loo(idata, pointwise=True)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     az.plot_khat(loo, ax=ax, show_hlines=True, hlines_kwargs={"hlines": [0.7, 1.0], "color": "C3"})
+    ax.set_xlabel("sequence (index in the split)")
+    ax.set_ylabel("Pareto shape k (dimensionless)")
     ax.set_title(title or f"PSIS-LOO: {np.mean(np.asarray(loo.pareto_k) > 0.7):.1%} of k > 0.7",
                  fontsize=9)
     fig.tight_layout()
