@@ -275,6 +275,7 @@ class PendulumModel(PhysVAEModel):
         x: Tensor | None = None,
         *,
         init: Tensor | None = None,
+        size: int | None = None,
         subsample: Tensor | None = None,
         omega_prior: dist.Distribution | None = None,
         priors: Mapping[str, dist.Distribution] | None = None,
@@ -284,6 +285,8 @@ class PendulumModel(PhysVAEModel):
         Args:
             x: observed angle sequences ``(N, T)`` [rad], or ``None`` to generate.
             init: initial angles ``(N,)``; defaults to ``x[:, 0]``.
+            size: number N of sequences when ``x`` holds just the rows ``subsample``, or
+                when generating without ``x`` or ``init``.
             subsample: indices of the minibatch within the N sequences.
             omega_prior: replaces the default prior of ``omega`` (same as
                 ``priors={"omega": omega_prior}``).
@@ -293,7 +296,7 @@ class PendulumModel(PhysVAEModel):
         """
         if omega_prior is not None:
             priors = {**(priors or {}), "omega": omega_prior}
-        return super().forward(x, init=init, subsample=subsample, priors=priors)
+        return super().forward(x, init=init, size=size, subsample=subsample, priors=priors)
 
 
 def _check_state_inputs(names: Sequence[str]) -> tuple[str, ...]:
