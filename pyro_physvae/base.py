@@ -103,6 +103,24 @@ def check_observation_values(x: Tensor, event_dim: int, shape: tuple[int, ...] |
         raise ValueError(f"{name} must have shape (N, {want}), got {tuple(x.shape)}")
 
 
+def data_plate_size(x: Tensor, size: int | None, subsample: Tensor | None) -> int:
+    """The size N of the ``data`` plate for observations ``x``: its rows, or ``size`` where
+    ``x`` holds just the rows ``subsample`` of an ``N = size``-row data set (a minibatch
+    read from a data set left on disk, see :class:`~pyro_physvae.data.lazy.LazyRows`).
+
+    Raises:
+        ValueError: ``size`` disagrees with ``x`` in both readings.
+    """
+    rows = x.shape[0]
+    if size is None or size == rows:
+        return rows
+    size = check_positive_int(size, "size")
+    if subsample is not None and subsample.dim() == 1 and subsample.shape[0] == rows and size > rows:
+        return size
+    raise ValueError(f"size={size} disagrees with the {rows} rows given: pass all N = size rows, "
+                     f"or just the rows of subsample= (a minibatch of indices below size)")
+
+
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of a module's first floating-point parameter or buffer (default dtype if none)."""
     for t in (*module.parameters(), *module.buffers()):
@@ -317,7 +335,9 @@ class PhysVAEModel(PyroModule):
             self.check_observations(x)
             _input_check(self).passed(x)
         init = self._checked_init(x, init)
-        n = self._plate_size(x, init, size)
+        n = self._plate_size(x, init, size, subsample)
+        # A minibatch read from a larger data set: x (and init) hold just the rows `subsample`.
+        rows_given = x is not None and x.shape[0] != n
         like = next(t for t in (x, init, self._dtype_probe()) if t is not None)
         priors = dict(priors or {})
         unknown = set(priors) - {p.name for p in self.physics_parameters}
@@ -330,7 +350,8 @@ class PhysVAEModel(PyroModule):
         with pyro.plate("data", n, subsample=subsample, device=like.device) as idx:
             init_b = None
             if init is not None:
-                init_b = call.record("init", init[idx], event_dim=self.init_event_dim)
+                init_b = call.record("init", init if rows_given else init[idx],
+                                     event_dim=self.init_event_dim)
             for name, dim in {**self.state_dims, **self.aux_dims}.items():
                 latents[name] = pyro.sample(name, standard_normal(dim, like))
             for p in self.physics_parameters:
@@ -339,7 +360,7 @@ class PhysVAEModel(PyroModule):
             curves = self.decode_sites(init_b, latents)
             for name, value in curves.items():
                 call.record(name, value, event_dim=self.x_event_dim)
-            x_b = None if x is None else x[idx]
+            x_b = None if x is None else x if rows_given else x[idx]
             obs = dist.Normal(curves["x_mean"], self.noise_scale()).to_event(self.x_event_dim)
             pyro.sample("x", obs, obs=x_b)
         return curves["x_mean"]
@@ -362,12 +383,11 @@ class PhysVAEModel(PyroModule):
         return init
 
     @staticmethod
-    def _plate_size(x: Tensor | None, init: Tensor | None, size: int | None) -> int:
+    def _plate_size(x: Tensor | None, init: Tensor | None, size: int | None,
+                    subsample: Tensor | None = None) -> int:
         given = x if x is not None else init
         if given is not None:
-            if size is not None and size != given.shape[0]:
-                raise ValueError(f"size={size} disagrees with the {given.shape[0]} rows given")
-            return given.shape[0]
+            return data_plate_size(given, size, subsample)
         if size is None:
             raise ValueError("give the observations x, or size= (the number of rows to generate)")
         return check_positive_int(size, "size")
@@ -443,8 +463,9 @@ class PhysVAEGuide(PyroModule):
         s = self.setting
         out: dict[str, Tensor] = {}
         call = ComponentCall(self, "guide")
-        with pyro.plate("data", x.shape[0], subsample=subsample, device=x.device) as idx:
-            x_b = x[idx]
+        n = data_plate_size(x, model_kwargs.get("size"), subsample)
+        with pyro.plate("data", n, subsample=subsample, device=x.device) as idx:
+            x_b = x if x.shape[0] != n else x[idx]
             signal, locs, h = x_b, {}, self.features(x_b)
             for site, attr in {**self.state_encoders, **self.aux_encoders}.items():
                 loc, scale = getattr(self, attr)(h)

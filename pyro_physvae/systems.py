@@ -37,6 +37,7 @@ from pyro_physvae.data.io import (
     require_dimension,
     to_tensor,
 )
+from pyro_physvae.data.lazy import LazyRows, is_lazy, lazy_rows
 from pyro_physvae.settings import Setting
 from pyro_physvae.validation import check_sequences
 
@@ -134,13 +135,15 @@ class System:
         model = self.model_cls(Setting.parse(setting), **model_kwargs)
         return model, self.guide_cls(model, **guide_kwargs)
 
-    def load_split(self, data_dir: str | os.PathLike, split: str) -> xr.Dataset:
-        """The split ``<data_dir>/<split>.nc``, or read in place by :attr:`read_split`."""
-        return load_split(data_dir, split, system=self.name, reader=self.read_split)
+    def load_split(self, data_dir: str | os.PathLike, split: str, *, lazy: bool = False) -> xr.Dataset:
+        """The split ``<data_dir>/<split>.nc``, or read in place by :attr:`read_split`;
+        ``lazy``: its observations stay in the file (see :func:`~pyro_physvae.data.io.load_split`)."""
+        return load_split(data_dir, split, system=self.name, reader=self.read_split, lazy=lazy)
 
-    def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor:
+    def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor | LazyRows:
         """The observation tensor ``(N, *event)`` of a data set in torch's default dtype, the
-        first argument of model and guide.
+        first argument of model and guide; for a data set opened lazily, its
+        :class:`~pyro_physvae.data.lazy.LazyRows`, which read rows of that tensor on demand.
 
         Raises:
             ValueError: the data set has no ``x``, its rank is not the model's
@@ -155,6 +158,8 @@ class System:
             dims = getattr(self.model_cls, "observation_dims", None) or ("...",) * event_dim
             raise ValueError(f"'x' of {where} has the dimensions {ds['x'].dims}; {self.name} data "
                              f"have (sequence, {', '.join(dims)})")
+        if is_lazy(ds):
+            return lazy_rows(ds, device)  # its values were checked when it was opened
         x = to_tensor(ds["x"], device, name=f"'x' of {where}")
         check_sequences(x, f"'x' of {where}", rank=x.ndim)
         return x

@@ -150,6 +150,32 @@ def test_sites_and_plates(system, splits, setting):
         set() if not s.has_physics else set(model.latent_sites) - set(model.aux_dims) - set(model.state_dims))
 
 
+def test_a_minibatch_of_rows_is_the_same_as_its_indices(system, splits, setting):
+    """``(x[idx], size=N, subsample=idx)``, the rows of a minibatch read from a file, gives
+    model and guide the same traces, scales and log-densities as ``(x, subsample=idx)``."""
+    model, guide, x = build(system, splits, setting)
+    wake_up(model, guide)
+    idx = torch.tensor([5, 0, 3])
+    traces = []
+    for args, kwargs in (((x,), {"subsample": idx}), ((x[idx],), {"size": x.shape[0], "subsample": idx})):
+        pyro.set_rng_seed(7)
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        traces.append((guide_tr, model_tr))
+    for full, rows in zip(traces[0], traces[1], strict=True):
+        full.compute_log_prob()
+        rows.compute_log_prob()
+        for name, site in full.nodes.items():
+            if site["type"] != "sample" or name.startswith("_") or name == "data":
+                continue
+            other = rows.nodes[name]
+            assert torch.equal(site["value"], other["value"]), name
+            assert site["scale"] == other["scale"], name
+            assert torch.allclose(site["log_prob"], other["log_prob"]), name
+    with pytest.raises(ValueError, match="size=4 disagrees with the 6 rows"):
+        model(x, size=4)
+
+
 # -- Predictive and vectorised particles ------------------------------------------------------
 def test_predictive_parallel_draws(system, splits):
     model, guide, x = build(system, splits, "phys+nn+reg")

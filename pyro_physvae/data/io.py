@@ -60,10 +60,12 @@ def load_dataset(path: str | os.PathLike, *, system: str | None = None) -> xr.Da
     return ds
 
 
-def check_dataset(ds: xr.Dataset, *, system: str | None = None) -> None:
+def check_dataset(ds: xr.Dataset, *, system: str | None = None, check_values: bool = True) -> None:
     """Validate a data set as :func:`load_dataset` does (its messages name
     :func:`dataset_source`): ``x`` present, of real numbers, shaped ``(sequence, ..., time)``
-    with no empty dimension and all values finite; the attributes in
+    with no empty dimension and all values finite (the values only with ``check_values``:
+    a data set left in its file is scanned in chunks instead, see
+    :func:`~pyro_physvae.data.lazy.open_lazy_dataset`); the attributes in
     :data:`POSITIVE_ATTRIBUTES` (``dt``, ``dx``) finite positive numbers where present; a
     numeric ``time`` coordinate strictly increasing; and the ``system`` attribute, where
     present, equal to ``system`` (if given)."""
@@ -81,7 +83,8 @@ def check_dataset(ds: xr.Dataset, *, system: str | None = None) -> None:
         what = {"sequence": "no sequences", x.dims[-1]: "no time steps"}.get(empty[0],
                                                                            f"an empty {empty[0]!r} dimension")
         raise ValueError(f"'x' in {where} has {what} (shape {dict(x.sizes)})")
-    check_sequences(x.values, f"'x' in {where}", rank=x.ndim)
+    if check_values:
+        check_sequences(x.values, f"'x' in {where}", rank=x.ndim)
     for name, meaning in POSITIVE_ATTRIBUTES.items():
         if name in ds.attrs:
             check_positive_number(ds.attrs[name], f"the attribute {name!r} ({meaning}) of {where}")
@@ -145,11 +148,16 @@ def check_data_dir(data_dir: str | os.PathLike, splits: tuple[str, ...] = SPLITS
 
 
 def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = None,
-               reader: Callable[[str | os.PathLike, str], xr.Dataset] | None = None) -> xr.Dataset:
+               reader: Callable[[str | os.PathLike, str], xr.Dataset] | None = None,
+               lazy: bool = False) -> xr.Dataset:
     """Load ``<data_dir>/<split>.nc`` (checked to hold ``system`` data, if given); where it
     does not exist, ``reader(data_dir, split)`` reads the split in place from a system's own
     on-disk layout (``System.read_split``, e.g. the real gait recordings; see
-    ``System.load_split``)."""
+    ``System.load_split``).
+
+    ``lazy``: leave the observations ``x`` of a netCDF split in its file, to be read in
+    chunks (:func:`~pyro_physvae.data.lazy.open_lazy_dataset`); a split read by ``reader``
+    is read into memory all the same."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     check_data_dir(data_dir, (split,), own_layout=reader is not None)
@@ -159,6 +167,10 @@ def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = 
         ds.encoding.setdefault("source", f"the {split} split of {data_dir}")
         check_dataset(ds, system=system)
         return ds
+    if lazy:
+        from pyro_physvae.data.lazy import open_lazy_dataset
+
+        return open_lazy_dataset(path, system=system)
     return load_dataset(path, system=system)
 
 
