@@ -19,6 +19,7 @@ on data it was not trained on.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -39,6 +40,8 @@ from pyro.nn import PyroParam
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
+from pyro_physvae.base import data_plate_size
+from pyro_physvae.data.lazy import LazyRows, row_chunks
 from pyro_physvae.nets import frozen_parameters
 from pyro_physvae.validation import check_positive_int
 
@@ -60,10 +63,12 @@ def check_guide_kind(kind: str) -> str:
 
 
 def _data_plate(x: Tensor | None = None, *args, subsample: Tensor | None = None, init=None,
-                **kwargs) -> pyro.plate:
-    """The model's ``data`` plate over the rows of ``x`` (or of ``init``)."""
+                size: int | None = None, **kwargs) -> pyro.plate:
+    """The model's ``data`` plate over the rows of ``x`` (or of ``init``; see
+    :func:`~pyro_physvae.base.data_plate_size` for ``size``)."""
     rows = x if x is not None else init
-    return pyro.plate("data", rows.shape[0], subsample=subsample, device=rows.device)
+    return pyro.plate("data", data_plate_size(rows, size, subsample), subsample=subsample,
+                      device=rows.device)
 
 
 def make_autoguide(kind: str, model: Callable, *, init_scale: float = 0.01,
@@ -124,41 +129,91 @@ def fit_local_guide(
 def refine_amortized_guide(
     model: torch.nn.Module,
     guide: Callable,
-    x: Tensor,
+    x: Tensor | LazyRows,
     *,
     steps: int = 500,
     lr: float = 1e-2,
     num_particles: int = 1,
     seed: int = 0,
+    chunk: int | None = None,
 ) -> AutoNormal:
     """Semi-amortized inference: refine the amortized posterior of each of the sequences ``x``.
 
     An ``auto-normal`` guide (one Normal per latent element of every sequence) is started at
     the means and standard deviations that the amortized ``guide`` gives for ``x``, then
     fitted for ``steps`` Adam steps of the model's ELBO (``Trace_ELBO``) with the model and the
-    encoder held fixed; all sequences enter every step. The regularizers are not part of this
-    objective: they shape the networks in training, the posterior of a trained model is the
-    model's. Every latent of the model must have real support (true of the zoo's models,
-    whose physics parameters have Normal priors and are clamped in the decoder).
+    encoder held fixed. The regularizers are not part of this objective: they shape the
+    networks in training, the posterior of a trained model is the model's. Every latent of
+    the model must have real support (true of the zoo's models, whose physics parameters
+    have Normal priors and are clamped in the decoder).
+
+    Each sequence's latents enter only its own term of the ELBO and Adam updates every
+    element on its own, so the sequences can be refined ``chunk`` at a time, each chunk for
+    ``steps`` steps, with the same result in distribution: memory is then that of a chunk.
 
     Args:
         model: the trained model.
         guide: its amortized guide, called as ``guide(x)``.
-        x: observations ``(N, *event)``.
+        x: observations ``(N, *event)``: a tensor, or
+            :class:`~pyro_physvae.data.lazy.LazyRows` read ``chunk`` rows at a time.
+        chunk: sequences refined together (default: all of a tensor, 250 of ``LazyRows``).
 
     Returns:
-        The refined guide; call it (or ``Predictive``) with the same ``x``.
+        The refined guide over the N sequences; call it (or ``Predictive``) with the same
+        ``x``, or with rows of it as ``(x[idx], size=N, subsample=idx)``.
     """
     check_positive_int(steps, "steps")
+    n = x.shape[0]
+    chunk = check_positive_int(chunk, "chunk") if chunk is not None else (
+        REFINE_CHUNK if isinstance(x, LazyRows) else n)
     pyro.set_rng_seed(seed)
+    parts = [_refine_rows(model, guide, xb, steps=steps, lr=lr, num_particles=num_particles)
+             for xb in row_chunks(x, chunk)]
+    if len(parts) == 1 and not isinstance(x, LazyRows):
+        return parts[0]
+    first = x[:min(chunk, n)]
+    rows = {"size": n, "subsample": torch.arange(first.shape[0], device=first.device)}
+    locs = {name: torch.cat([_site_param(p.locs, name) for p in parts]) for name in _site_names(parts[0])}
+    scales = {name: torch.cat([_site_param(p.scales, name) for p in parts]) for name in locs}
+    return _auto_normal_at(model, first, locs, scales, **rows)
+
+
+#: Sequences refined together when the observations are read from a file.
+REFINE_CHUNK = 250
+
+
+def _refine_rows(model: torch.nn.Module, guide: Callable, x: Tensor, *, steps: int, lr: float,
+                 num_particles: int) -> AutoNormal:
+    """:func:`refine_amortized_guide` of the rows ``x`` at once."""
     start = amortized_posterior(guide, x)
-    auto = make_autoguide("auto-normal", model, init_loc_fn=lambda site: start[site["name"]][0])
+    auto = _auto_normal_at(model, x, {k: m for k, (m, _) in start.items()},
+                           {k: s for k, (_, s) in start.items()})
+    return _fit_latents(model, auto, x, steps=steps, lr=lr, num_particles=num_particles)
+
+
+def _auto_normal_at(model: torch.nn.Module, x: Tensor, locs: dict[str, Tensor],
+                    scales: dict[str, Tensor], **plate_kwargs) -> AutoNormal:
+    """An ``auto-normal`` guide with the given locations and scales (by site, leading dim
+    the data plate), its plates made by calling it on ``x`` with ``plate_kwargs``."""
+    auto = make_autoguide("auto-normal", model)
     with torch.no_grad():
-        auto(x)  # creates the locs at the encoder's means
-        for name, (_, scale) in start.items():  # leading dim: the data plate
+        auto(x, **plate_kwargs)  # creates the parameters (of the plate's full size), replaced below
+        for name, loc in locs.items():
+            deep_setattr(auto.locs, name, PyroParam(loc.clone(), constraints.real,
+                                                    event_dim=loc.dim() - 1))
+        for name, scale in scales.items():
             deep_setattr(auto.scales, name, PyroParam(scale.clone(), auto.scale_constraint,
                                                       event_dim=scale.dim() - 1))
-    return _fit_latents(model, auto, x, steps=steps, lr=lr, num_particles=num_particles)
+    return auto
+
+
+def _site_names(auto: AutoNormal) -> list[str]:
+    return [name for name, _ in auto.prototype_trace.iter_stochastic_nodes()]
+
+
+def _site_param(params: torch.nn.Module, name: str) -> Tensor:
+    """The constrained value of an ``AutoNormal``'s location or scale of site ``name``."""
+    return functools.reduce(getattr, name.split("."), params).detach()
 
 
 def amortized_posterior(guide: Callable, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

@@ -120,8 +120,8 @@ def _check_run_inputs(args: argparse.Namespace, splits: tuple[str, ...], out_def
         return
     check_data_dir(data, splits, own_layout=system.read_split is not None,
                    what="--data directory" if args.data is not None else "the run's data directory")
-    for split in splits:
-        ds = system.load_split(data, split)
+    for split in splits:  # left in its file with --stream
+        ds = system.load_split(data, split, lazy=bool(getattr(args, "stream", False)))
         system.check_data_fits(ds, config.get("model_kwargs") or {})
         system.observations(ds)
 
@@ -201,7 +201,7 @@ def cmd_import_galaxy10(args: argparse.Namespace) -> None:
 #: the reference defaults in a new run and the run's recorded values on ``--resume``.
 TRAIN_CONFIG_OPTIONS = ("epochs", "batch_size", "lr", "seed", "elbo", "num_particles", "renyi_alpha",
                         "guide", "alpha", "beta", "gamma", "grad_scale", "device", "threads",
-                        "checkpoint_every")
+                        "checkpoint_every", "stream")
 #: ``physvae train``'s system and setting where neither is given nor resumed.
 TRAIN_DEFAULTS = {"system": "pendulum", "setting": "phys+nn+reg"}
 
@@ -306,7 +306,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     metrics = evaluate(args.run, args.data, split=args.split,
                        num_samples=args.samples, out_dir=args.out, device=args.device,
                        guide_steps=args.guide_steps, checkpoint=args.checkpoint,
-                       refine_steps=args.refine_steps, calibrate_on=calibrate_on)
+                       refine_steps=args.refine_steps, calibrate_on=calibrate_on,
+                       stream=args.stream)
     print(json.dumps(metrics, indent=2))
 
 
@@ -567,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--checkpoint-every", type=_positive_int, default=None,
                    help="epochs between checkpoints (default: the trainer's)")
+    t.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read minibatches from the data files instead of loading them (data larger "
+                   "than memory; netCDF splits, amortized guide; default: load)")
     fresh = t.add_mutually_exclusive_group()
     fresh.add_argument("--resume", action="store_true",
                        help="continue the run in OUT; options left out keep the run's values")
@@ -591,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None,
                    help="default: RUN/eval-SPLIT (best.pt) or RUN/eval-SPLIT-last (last.pt)")
     e.add_argument("--device", type=_device, default="cpu")
+    e.add_argument("--stream", action="store_true",
+                   help="read the images from their files in chunks (data larger than memory; the "
+                   "galaxy evaluation and refinement stream, series evaluations load the split)")
     _add_calibration_argument(e)
     _add_guide_arguments(e)
     e.set_defaults(func=cmd_evaluate)

@@ -128,6 +128,9 @@ def train_lightning(
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if devices > 1 and strategy != "ddp":
         raise ValueError(f"{devices} devices need --strategy ddp")
+    if config is not None and config.stream:
+        raise ValueError("the Lightning engine loads the data into memory: stream=True "
+                         "(--stream) trains in one process only")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("--accelerator gpu was asked for but CUDA is not available here")
     try:

@@ -35,6 +35,7 @@ from torch import Tensor  # noqa: E402
 
 from pyro_physvae.autoguides import fit_local_guide, refine_amortized_guide  # noqa: E402
 from pyro_physvae.checkpoint import load_checkpoint, load_module_state  # noqa: E402
+from pyro_physvae.data.lazy import LazyRows, in_memory  # noqa: E402
 from pyro_physvae.devices import resolve_device  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
     DEFAULT_INTERVAL_METHOD,
@@ -97,23 +98,26 @@ class Run:
     path: Path
     guide_kind: str = "amortized"
 
-    def load(self, split: str, data_dir: str | Path | None = None) -> xr.Dataset:
+    def load(self, split: str, data_dir: str | Path | None = None, *, lazy: bool = False) -> xr.Dataset:
         """A split of ``data_dir``, by default the directory the run was trained on, checked
-        to fit the trained model (its length, time step, ...)."""
-        ds = self.system.load_split(data_dir or self.checkpoint["data_dir"], split)
+        to fit the trained model (its length, time step, ...); ``lazy``: its observations
+        stay in the file (see :meth:`System.load_split`)."""
+        ds = self.system.load_split(data_dir or self.checkpoint["data_dir"], split, lazy=lazy)
         self.system.check_data_fits(ds, self.checkpoint["model_kwargs"])
         return ds
 
-    def guide_for(self, x: Tensor, *, steps: int = 1000, seed: int = 0,
+    def guide_for(self, x: Tensor | LazyRows, *, steps: int = 1000, seed: int = 0,
                   refine_steps: int = 0) -> Callable:
         """A guide over the latents of the sequences ``x``: the amortized encoder itself
         (refined per sequence for ``refine_steps`` steps if that is positive, see
-        :func:`~pyro_physvae.autoguides.refine_amortized_guide`), or an AutoGuide of the
-        run's kind fitted with the model held fixed for ``steps`` steps."""
+        :func:`~pyro_physvae.autoguides.refine_amortized_guide`, in chunks for
+        :class:`~pyro_physvae.data.lazy.LazyRows`), or an AutoGuide of the run's kind fitted
+        with the model held fixed for ``steps`` steps (on all the rows at once, read into
+        memory)."""
         if refine_steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
         if self.guide is None:
-            return fit_local_guide(self.model, self.guide_kind, x, steps=steps, seed=seed)
+            return fit_local_guide(self.model, self.guide_kind, in_memory(x), steps=steps, seed=seed)
         if refine_steps:
             return refine_amortized_guide(self.model, self.guide, x, steps=refine_steps, seed=seed)
         return self.guide
@@ -187,17 +191,19 @@ def predictive_coverage(x: Tensor, replicates: Tensor, level: float = INTERVAL) 
 
 
 def calibration_split(run: Run, split: str, calibrate_on: str | None, data_dir: str | Path | None,
-                      guide_for: Callable[[Tensor], Callable], device: str = "cpu") -> CalibrationSplit:
+                      guide_for: Callable[[Tensor], Callable], device: str = "cpu", *,
+                      lazy: bool = False) -> CalibrationSplit:
     """The split ``calibrate_on`` of the run's data, for calibrating the evaluation of
     ``split``; a :class:`~pyro_physvae.report.CalibrationSplit` with a ``reason`` and no data
-    when there is none (``None``, the evaluated split itself, or a missing file)."""
+    when there is none (``None``, the evaluated split itself, or a missing file). ``lazy``:
+    its observations are :class:`~pyro_physvae.data.lazy.LazyRows`."""
     if calibrate_on is None:
         return CalibrationSplit(None, reason="calibrate_on=None: raw intervals and predictive only")
     if calibrate_on == split:
         return CalibrationSplit(None, reason=f"calibrate_on is the evaluated split {split!r}: a split "
                                              "calibration needs another; raw only")
     try:
-        cal_ds = run.load(calibrate_on, data_dir)
+        cal_ds = run.load(calibrate_on, data_dir, lazy=lazy)
     except FileNotFoundError as err:
         return CalibrationSplit(None, reason=f"no {calibrate_on!r} split to calibrate on ({err}); raw only")
     x_cal = run.system.observations(cal_ds, device)
@@ -303,7 +309,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
              num_samples: int = 100, out_dir: str | Path | None = None,
              checkpoint: str = "best.pt", device: str = "cpu", seed: int = 0,
              guide_steps: int = 1000, iwae_particles: int = 50,
-             refine_steps: int = 0, calibrate_on: str | None = "valid") -> dict[str, Any]:
+             refine_steps: int = 0, calibrate_on: str | None = "valid",
+             stream: bool = False) -> dict[str, Any]:
     """Evaluate a run on a split: writes ``metrics.json`` and figures to ``out_dir``
     (default ``run_dir/`` :func:`evaluation_folder`: ``eval-<split>`` for ``best.pt``,
     ``eval-<split>-last`` for ``last.pt``) and returns the metrics, among them the mean IWAE
@@ -326,10 +333,19 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     The evaluation is the system's ``evaluator`` where it has one, else
     :func:`default_evaluator`; an evaluator that takes no ``calibration`` keyword is run
     uncalibrated, with a warning.
+
+    ``stream``: read the observations from their files in chunks
+    (:class:`~pyro_physvae.data.lazy.LazyRows`) for data larger than memory. The image
+    evaluator (galaxy) and the refinement stream; the default evaluator keeps every
+    sequence's draws and so reads the split into memory.
     """
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
-    ds = run.load(split, data_dir)
+    ds = run.load(split, data_dir, lazy=stream)
+    evaluator = run.system.evaluator or default_evaluator
+    streams = stream and evaluator is not default_evaluator
     x = run.system.observations(ds, device)
+    if not streams:
+        x = in_memory(x)
     refine = run.applied_refine_steps(refine_steps)
 
     def guide_for(xs: Tensor) -> Callable:
@@ -337,10 +353,10 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
 
     guide = guide_for(x)
     out = Path(out_dir) if out_dir else Path(run_dir) / evaluation_folder(split, checkpoint)
-    evaluator = run.system.evaluator or default_evaluator
     kwargs: dict[str, Any] = {}
     if _accepts(evaluator, "calibration"):
-        kwargs["calibration"] = calibration_split(run, split, calibrate_on, data_dir, guide_for, device)
+        kwargs["calibration"] = calibration_split(run, split, calibrate_on, data_dir, guide_for, device,
+                                                  lazy=streams)
     elif calibrate_on is not None:
         warnings.warn(f"the {run.system.name} system's evaluator takes no calibration= keyword: "
                       "its metrics are not calibrated", stacklevel=2)

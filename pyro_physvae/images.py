@@ -33,7 +33,9 @@ import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from pyro_physvae.autoguides import supports_subsampling  # noqa: E402
 from pyro_physvae.data.galaxy import pixel_grid, rotate_images  # noqa: E402
+from pyro_physvae.data.lazy import LazyRows  # noqa: E402
 from pyro_physvae.diagnostics import (  # noqa: E402
     NoiseEstimate,
     iwae_log_likelihood,
@@ -53,12 +55,13 @@ from pyro_physvae.report import (  # noqa: E402
     interval_metrics,
     iwae_summary,
     parameter_metrics,
-    seq_scale,
     write_json,
 )
 
 #: Images per chunk of posterior sampling (bounds memory: draws x chunk x image).
 CHUNK = 25
+#: Images shown in the reconstruction figure (their posterior-mean images are kept).
+FIGURE_IMAGES = 6
 
 
 # -- angles -----------------------------------------------------------------------------------
@@ -129,19 +132,29 @@ def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None,
 
 
 # -- streamed posterior summaries ---------------------------------------------------------------
-def posterior_summaries(model: Callable, guide: Callable, x: Tensor, num_samples: int, *,
-                        seed: int = 0, chunk: int = CHUNK, noise: NoiseEstimate | None = None
-                        ) -> dict[str, Tensor]:
-    """Posterior draws of every latent ``(S, N, ...)``, the posterior-mean images
-    ``x_mean`` (and ``x_P`` where the model has it) ``(N, *event)`` and, per image, the
-    fraction of pixels inside the central 90% posterior-predictive interval ``(N,)``
-    (``predictive_coverage``: with the fitted ``noise`` where given, see
-    :func:`~pyro_physvae.diagnostics.with_noise`; ``predictive_coverage_raw``: with the
-    model's own) and the mean squared residual of the draws per band ``resid_ml (N, C)``
-    (:func:`~pyro_physvae.diagnostics.residual_moments`, channels as
-    :func:`~pyro_physvae.diagnostics.noise_channel_axes` has them), computed ``chunk`` images
-    at a time."""
+def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, num_samples: int, *,
+                        seed: int = 0, chunk: int = CHUNK, noise: NoiseEstimate | None = None,
+                        keep_images: int | None = None) -> dict[str, Tensor]:
+    """Posterior summaries of the images ``x (N, *event)``, a tensor or
+    :class:`~pyro_physvae.data.lazy.LazyRows` (read ``chunk`` images at a time from the file),
+    computed ``chunk`` images at a time, so that memory is bounded by a chunk's draws plus
+    what is kept per image:
+
+    * draws of every latent ``(S, N, ...)``;
+    * the posterior-mean images ``x_mean`` (and ``x_P`` where the model has it)
+      ``(K, *event)`` of the first ``K = keep_images`` images (``None``: all ``N``);
+    * per image ``(N,)``: the mean squared error of those means (``mse``, ``mse_P``), and the
+      fraction of pixels inside the central 90% posterior-predictive interval
+      (``predictive_coverage``: with the fitted ``noise`` where given, see
+      :func:`~pyro_physvae.diagnostics.with_noise`; ``predictive_coverage_raw``: with the
+      model's own);
+    * per image and band ``(N, C)`` (channels as
+      :func:`~pyro_physvae.diagnostics.noise_channel_axes` has them,
+      :func:`~pyro_physvae.diagnostics.residual_moments`): the mean squared residual of the
+      draws ``resid_ml`` and of their mean ``resid_plugin``.
+    """
     parts: list[dict[str, Tensor]] = []
+    kept = x.shape[0] if keep_images is None else keep_images
     k_lo, k_hi = round((1 - INTERVAL) / 2 * (num_samples - 1)), round((1 + INTERVAL) / 2 * (num_samples - 1))
     axes = noise_channel_axes(x.shape[1:], getattr(model, "observation_dims", None))
 
@@ -149,22 +162,44 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor, num_samples
         ranked = replicates.sort(0).values  # nearest-rank quantiles over the draws
         return ((xb >= ranked[k_lo]) & (xb <= ranked[k_hi])).flatten(1).float().mean(1)
 
-    for i, start in enumerate(range(0, x.shape[0], chunk)):
+    n = x.shape[0]
+    if not supports_subsampling(guide):
+        chunk = n  # its latents are drawn for all the rows at once
+    for i, start in enumerate(range(0, n, chunk)):
         xb = x[start:start + chunk]
-        draws = sample_posterior(model, guide, xb, num_samples, batch_size=None, seed=seed + i)
+        # The chunk's rows of the N: a guide fitted to all N rows (a refined one) draws theirs.
+        rows = {"size": n, "subsample": torch.arange(start, start + xb.shape[0], device=xb.device)}
+        draws = sample_posterior(model, guide, xb, num_samples, batch_size=None, seed=seed + i, **rows)
         part = {k: v for k, v in draws.items() if k not in ("x", "x_mean", "x_P", "log_likelihood")}
-        part["x_mean"] = draws["x_mean"].mean(0)
-        if "x_P" in draws:
-            part["x_P"] = draws["x_P"].mean(0)
+        means = {key: draws[key].mean(0) for key in ("x_mean", "x_P") if key in draws}
+        for key, mean in means.items():
+            part["mse" if key == "x_mean" else "mse_P"] = (mean - xb).pow(2).flatten(1).mean(1)
+            part[key] = mean[:max(0, kept - start)]
         part["resid_ml"] = residual_moments(xb, draws["x_mean"], axes)
+        part["resid_plugin"] = residual_moments(xb, means["x_mean"], axes)
         part["predictive_coverage_raw"] = coverage(xb, draws["x"])
         if noise is not None:
             draws = with_noise(draws, xb, noise, seed=seed + i)
         part["predictive_coverage"] = coverage(xb, draws["x"])
         parts.append(part)
-    per_image = ("x_mean", "x_P", "predictive_coverage", "predictive_coverage_raw", "resid_ml")
+    per_image = ("x_mean", "x_P", "mse", "mse_P", "predictive_coverage", "predictive_coverage_raw",
+                 "resid_ml", "resid_plugin")
     # per_image entries are (N, ...); the latents are (S, N, ...)
     return {k: torch.cat([p[k] for p in parts], dim=0 if k in per_image else 1) for k in parts[0]}
+
+
+def streamed_iwae(model: Callable, guide: Callable, x: Tensor | LazyRows, num_particles: int, *,
+                  seed: int = 0, chunk: int = CHUNK) -> Tensor:
+    """:func:`~pyro_physvae.diagnostics.iwae_log_likelihood` of each image ``(N,)``, ``chunk``
+    images at a time (``x`` a tensor or :class:`~pyro_physvae.data.lazy.LazyRows`)."""
+    n = x.shape[0]
+    if not supports_subsampling(guide):
+        chunk = n
+    return torch.cat([
+        iwae_log_likelihood(model, guide, x[start:start + chunk], num_particles, batch_size=None,
+                            seed=seed + i, size=n,
+                            subsample=torch.arange(start, min(start + chunk, n), device=x.device))
+        for i, start in enumerate(range(0, n, chunk))])
 
 
 def fit_image_calibration(run: Any, cal: CalibrationSplit, num_samples: int, seed: int = 0) -> Calibration:
@@ -175,11 +210,11 @@ def fit_image_calibration(run: Any, cal: CalibrationSplit, num_samples: int, see
         return Calibration(None, notes=[cal.reason or "not calibrated"])
     start = time.perf_counter()
     model, x = run.model, cal.x
-    summary = posterior_summaries(model, cal.guide(), x, num_samples, seed=seed + 1000)
+    summary = posterior_summaries(model, cal.guide(), x, num_samples, seed=seed + 1000, keep_images=0)
     dims = getattr(model, "observation_dims", None)
     axes = noise_channel_axes(x.shape[1:], dims)
     sigma_model = float(model.noise_scale())
-    noise = noise_from_moments(summary["resid_ml"], residual_moments(x, summary["x_mean"], axes),
+    noise = noise_from_moments(summary["resid_ml"], summary["resid_plugin"],
                                event_shape=x.shape[1:], channel_axes=axes, observation_dims=dims,
                                sigma_model=sigma_model, split=cal.name)
     names = [p.name for p in model.physics_parameters]
@@ -187,7 +222,7 @@ def fit_image_calibration(run: Any, cal: CalibrationSplit, num_samples: int, see
         cal.name, noise, {n: summary[n] for n in names if n in summary},
         {n: cal.dataset[n].values for n in names if n in cal.dataset},
         periods={p.name: getattr(p, "period", None) for p in model.physics_parameters},
-        seq=seq_scale(x, summary["x_mean"], sigma_model),
+        seq=summary["mse"].sqrt() / sigma_model,
         missing=tuple(n for n in names if n not in cal.dataset))
     result.seq_scale_model = sigma_model
     result.seconds = time.perf_counter() - start
@@ -433,17 +468,18 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
     model = run.model
     cal = fit_image_calibration(run, calibration or CalibrationSplit(None, reason="not calibrated"),
                                 num_samples, seed)
-    summary = posterior_summaries(model, guide, x, num_samples, seed=seed, noise=cal.noise)
+    summary = posterior_summaries(model, guide, x, num_samples, seed=seed, noise=cal.noise,
+                                  keep_images=FIGURE_IMAGES)
     metrics: dict[str, Any] = {
         "system": run.system.name, "setting": run.setting.value, "split": split,
         "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
         "refine_steps": refine_steps,
-        "n_sequences": int(x.shape[0]), "recon_mse": float((summary["x_mean"] - x).pow(2).mean())}
-    if "x_P" in summary:
-        metrics["physics_only_mse"] = float((summary["x_P"] - x).pow(2).mean())
+        "n_sequences": int(x.shape[0]), "recon_mse": float(summary["mse"].mean())}
+    if "mse_P" in summary:  # images of one size: the mean of the per-image errors is the overall one
+        metrics["physics_only_mse"] = float(summary["mse_P"].mean())
     metrics["predictive_coverage90"] = float(summary["predictive_coverage"].mean())
     metrics["predictive_coverage90_raw"] = float(summary["predictive_coverage_raw"].mean())
-    seq = seq_scale(x, summary["x_mean"], cal.seq_scale_model) if cal.intervals else None
+    seq = summary["mse"].sqrt() / cal.seq_scale_model if cal.intervals else None
     for p in model.physics_parameters:
         if p.name in ds and p.name in summary:
             period = getattr(p, "period", None)
@@ -451,8 +487,7 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
                                                 calibration=cal, name=p.name, seq=seq)
     metrics["calibration_fit"] = cal.to_dict()
     metrics["notes"] = " ".join(cal.notes)
-    iwae = torch.cat([iwae_log_likelihood(model, guide, x[i:i + CHUNK], iwae_particles, batch_size=None,
-                                          seed=seed + i) for i in range(0, x.shape[0], CHUNK)])
+    iwae = streamed_iwae(model, guide, x, iwae_particles, seed=seed)
     metrics["iwae_log_likelihood"] = iwae_summary(iwae)
     out.mkdir(parents=True, exist_ok=True)
     plot_image_reconstructions(ds, x, summary, out / "reconstructions.png")

@@ -44,6 +44,7 @@ from pyro_physvae.checkpoint import (
     load_module_state,
     write_checkpoint_bytes,
 )
+from pyro_physvae.data.lazy import SCAN_ROWS, LazyRows, in_memory, row_chunks
 from pyro_physvae.devices import resolve_device
 from pyro_physvae.files import DirectoryLock, atomic_write, remove_temporaries
 from pyro_physvae.ode import IntegrationError
@@ -64,7 +65,7 @@ class TrainingDiverged(RuntimeError):
 
 
 #: Options that may change when a run is resumed; all others are fixed for a run.
-RESUMABLE = ("epochs", "lr", "threads", "device", "checkpoint_every")
+RESUMABLE = ("epochs", "lr", "threads", "device", "checkpoint_every", "stream")
 #: The files of a run that :func:`train` writes (``overwrite=True`` replaces them).
 RUN_FILES = ("config.json", "history.jsonl", "last.pt", "last.prev.pt", "best.pt")
 
@@ -102,6 +103,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None
     checkpoint_every: int = 1
+    stream: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles", "checkpoint_every"):
@@ -125,6 +127,12 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.threads is not None:
             check_positive_int(self.threads, "threads")
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"stream must be True or False, got {self.stream!r}")
+        if self.stream and self.guide != "amortized":
+            raise ValueError(f"stream=True reads minibatches from the files, which needs the "
+                             f"amortized guide; the {self.guide!r} guide holds every sequence's "
+                             "latents: load the data into memory (stream=False)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -278,6 +286,25 @@ class SVITrainer:
         return value, rec.values.get("x_mean")
 
 
+def validation_loss(trainer: SVITrainer, x: Tensor | LazyRows, chunk: int | None = None
+                    ) -> tuple[float, float]:
+    """The loss of the rows ``x`` (summed over them, no gradients) and the mean squared error
+    of the model's ``x_mean`` (``nan`` for a model without one), all rows at once or
+    ``chunk`` rows at a time (bounded memory; the loss is a sum over rows, so the chunks'
+    losses add up to an estimate of the same loss)."""
+    total, squared, elements = 0.0, 0.0, 0
+    for xb in row_chunks(x, chunk or x.shape[0]):
+        value, x_mean = trainer.evaluate(xb)
+        total += value
+        if x_mean is None:
+            squared, elements = math.nan, 1
+            continue
+        error = (x_mean - xb).pow(2)
+        squared += float(error.sum())
+        elements += error.numel()
+    return total, squared / elements
+
+
 def make_trainer(system: System, setting: Setting, model: torch.nn.Module, guide: Callable,
                  config: TrainConfig, n_train: int) -> SVITrainer:
     """The trainer :func:`train` uses: the loss of ``config`` (:func:`make_loss`) and its
@@ -366,8 +393,9 @@ def _run_training(system: str | System, setting: str | Setting, data_dir: str | 
         raise ValueError(f"{run_dir} already holds a run ({', '.join(_held_files(run_dir))}); "
                          "resume it (--resume), replace it (--overwrite) or choose another directory")
 
-    train_ds = system.load_split(data_dir, "train")
-    valid_ds = system.load_split(data_dir, "valid")
+    lazy = config.stream if config is not None else _recorded_stream(run_dir) if resume else False
+    train_ds = system.load_split(data_dir, "train", lazy=lazy)
+    valid_ds = system.load_split(data_dir, "valid", lazy=lazy)
     data_kwargs = system.model_kwargs_from_data(train_ds)
     system.check_data_fits(valid_ds, data_kwargs)  # same length, time step, ... as the training split
     lock = DirectoryLock(run_dir)
@@ -390,6 +418,15 @@ def _run_training(system: str | System, setting: str | Setting, data_dir: str | 
                       model_kwargs, guide_kwargs, state, resumed_from, lock, progress)
     finally:
         lock.release()
+
+
+def _recorded_stream(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` streams its data (its ``config.json``), so that a
+    resume without options opens the data as the run did."""
+    try:
+        return bool(json.loads((run_dir / "config.json").read_text())["train_config"].get("stream"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # the resume itself reports a missing or damaged run
 
 
 def _holds_run(run_dir: Path) -> bool:
@@ -573,8 +610,8 @@ class _RunSetup:
     model_kwargs: dict
     guide_kwargs: dict
     device: torch.device
-    x_train: Tensor
-    x_check: Tensor
+    x_train: Tensor | LazyRows
+    x_check: Tensor | LazyRows
     n: int
     model: torch.nn.Module
     guide: Callable
@@ -605,6 +642,8 @@ def _setup_run(system: System, setting: Setting, train_ds, valid_ds, data_dir: s
         torch.set_num_threads(config.threads)
     x_train = system.observations(train_ds, device)
     x_valid = system.observations(valid_ds, device)
+    if not config.stream:
+        x_train, x_valid = in_memory(x_train), in_memory(x_valid)
     n = x_train.shape[0]
     if state is not None and state.get("n_train", n) != n:
         raise ValueError(f"the training split in {data_dir} has {n} sequences; the run was "
@@ -618,7 +657,8 @@ def _setup_run(system: System, setting: Setting, train_ds, valid_ds, data_dir: s
     # Data that do not fit the model fail here, not after an epoch.
     for split, x in (("train", x_train), ("valid", x_valid)):
         try:
-            model.check_observations(x)
+            for xb in row_chunks(x, max(config.batch_size, SCAN_ROWS)):
+                model.check_observations(xb)
         except ValueError as e:
             raise ValueError(f"the {split} split of {data_dir} does not fit the model: {e}") from None
     batch_size = config.batch_size if supports_subsampling(guide) else n
@@ -717,22 +757,30 @@ def _epoch(system: System, config: TrainConfig, trainer: SVITrainer, loss: ELBO,
     perm = torch.randperm(n, device=device) if batch_size < n else torch.arange(n, device=device)
     # A system's augmentation (e.g. flipped and rotated images) gives each epoch a fresh,
     # seeded copy of the training data; AutoGuides' per-sequence latents need the originals.
+    augment = system.augment if config.guide == "amortized" else None
+    epoch_seed = config.seed * 1_000_003 + epoch
     x_epoch = x_train
-    if system.augment is not None and config.guide == "amortized":
-        x_epoch = system.augment(x_train, torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    if augment is not None and not config.stream:
+        x_epoch = augment(x_train, torch.Generator().manual_seed(epoch_seed))
     total, terms = 0.0, {}
     try:
         for i in range(0, n, batch_size):
             batch = perm[i:i + batch_size]
             # Each step's loss estimates the full-data loss; weight it by batch share.
             share = batch.shape[0] / n
-            total += share * trainer.step(x_epoch, subsample=batch)
+            if config.stream:  # just the rows of the minibatch, read from the file
+                xb = x_train[batch]
+                if augment is not None:
+                    xb = augment(xb, torch.Generator().manual_seed(epoch_seed * 1_000_003 + i))
+                total += share * trainer.step(xb, size=n, subsample=batch)
+            else:
+                total += share * trainer.step(x_epoch, subsample=batch)
             for k, v in getattr(loss, "last_terms", {}).items():
                 terms[k] = terms.get(k, 0.0) + share * v
         t_train = time.perf_counter() - t0
         model.eval()
         guide.eval()
-        val_loss, x_mean = trainer.evaluate(x_check)
+        val_loss, val_mse = validation_loss(trainer, x_check, batch_size if config.stream else None)
     except (IntegrationError, TrainingDiverged) as e:
         kept = run_dir / "best.pt"
         raise TrainingDiverged(
@@ -743,6 +791,5 @@ def _epoch(system: System, config: TrainConfig, trainer: SVITrainer, loss: ELBO,
         raise TrainingDiverged(f"validation loss became {val_loss} at epoch {epoch + 1}; "
                                "checkpoints already written are kept unchanged")
     return {"epoch": epoch + 1, "loss": total / n, **terms,
-            "val_loss": val_loss / x_check.shape[0],
-            "val_mse": float((x_mean - x_check).pow(2).mean()) if x_mean is not None else math.nan,
+            "val_loss": val_loss / x_check.shape[0], "val_mse": val_mse,
             "lr": config.lr, "time_train": t_train, "time_epoch": time.perf_counter() - t0}

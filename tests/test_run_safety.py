@@ -194,7 +194,7 @@ def test_resume_applies_and_records_a_new_learning_rate(run6, tiny_data_dir, tmp
 def test_resume_refuses_a_fixed_option(run6, tiny_data_dir, tmp_path, config, kwargs, match):
     run_dir = copy_run(run6, tmp_path)
     before = snapshot(run_dir)
-    only = ".*Only epochs, lr, threads, device, checkpoint_every may change"
+    only = ".*Only epochs, lr, threads, device, checkpoint_every, stream may change"
     with pytest.raises(ValueError, match=match + only):
         train("pendulum", "phys+nn+reg", tiny_data_dir, run_dir, TrainConfig(epochs=8, **{**RUN, **config}),
               resume=True, **{**SMALL, **kwargs})
