@@ -16,7 +16,10 @@ with the generalised coordinates ``q`` in R^3 mapped linearly to the three obser
 angles, ``x_P = W q(t) + b``. The initial state ``y0 = (q0, p0)`` is a latent variable
 (standard Normal prior) inferred by the guide: the data show angles, not momenta. The
 gradient of H is taken with autograd inside the right-hand side; in training the graph of
-that gradient is kept (``create_graph``) so that the loss reaches H's weights.
+that gradient is kept (``create_graph``) so that the loss reaches H's weights. By default the
+network's input gradient is instead written out as ordinary tensor operations
+(:mod:`pyro_physvae.hamiltonian`), so that training takes one ordinary backward rather than
+autograd's double backward; ``energy_gradient="autograd"`` selects autograd.
 
 What the energy cannot express is left to an out-of-ODE network of ``z_A2``: the observed
 angles are ``x ~ Normal(x_P + f_A2(z_A2), sigma)``. ``nn-only`` has no dynamics: its
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import torch
 from pyro.nn import PyroModule
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 
 from pyro_physvae.arguments import Count, Size, Widths
 from pyro_physvae.base import PhysVAEModel
+from pyro_physvae.hamiltonian import NeuralHamiltonian, angular_frequency, hamiltonian_vector_field
 from pyro_physvae.nets import MLP
 from pyro_physvae.physics import PhysicalParameter
 from pyro_physvae.settings import Setting
@@ -66,6 +71,11 @@ class LocomotionModel(PhysVAEModel):
             (default): the length of the observed window, ``(n_steps - 1) dt``; ``None``: no
             quadratic part (H is the network alone, as in the reference).
         activation: of both networks.
+        energy_gradient: how the right-hand side gets dH/dy: ``"explicit"`` (default) writes
+            the energy network's backward pass as tensor operations, so that training needs
+            one ordinary backward instead of a double backward (an activation without a
+            written derivative falls back to autograd); ``"autograd"`` takes it with
+            ``torch.autograd.grad``. Both give the same values and gradients up to rounding.
         x_lnvar: log variance of the observation noise (default: the reference objective).
         learn_noise: learn ``x_lnvar`` instead of fixing it.
         method, substeps: ODE solver and sub-steps per dt. The default, ``rk4`` (four
@@ -96,6 +106,7 @@ class LocomotionModel(PhysVAEModel):
         hidden_aux2: Widths = (512, 512),
         harmonic_period: float | str | None = "window",
         activation: str = "elu",
+        energy_gradient: Literal["explicit", "autograd"] = "explicit",
         x_lnvar: float = X_LNVAR,
         learn_noise: bool = False,
         method: str = "rk4",
@@ -124,6 +135,9 @@ class LocomotionModel(PhysVAEModel):
         if harmonic_period is not None and not float(harmonic_period) > 0:
             raise ValueError(f"harmonic_period must be positive, 'window' or None, got {harmonic_period!r}")
         self.harmonic_period = None if harmonic_period is None else float(harmonic_period)
+        if energy_gradient not in ("explicit", "autograd"):
+            raise ValueError(f"energy_gradient must be 'explicit' or 'autograd', got {energy_gradient!r}")
+        self.energy_gradient = energy_gradient
         if s.has_physics:
             self.energy = MLP(2 * self.dim_q + self.dim_z_phys, hidden_energy, 1, activation,
                               zero_last=self.harmonic_period is not None)
@@ -140,40 +154,33 @@ class LocomotionModel(PhysVAEModel):
         return (self.n_joints, self.n_steps)
 
     # -- the physics ---------------------------------------------------------------------
-    def energy_function(self, z_phys: Tensor | None) -> Callable[[Tensor], Tensor]:
-        """``H(y)`` for a fixed code: ``y (..., B, 2 dim_q) -> (..., B)``."""
+    def energy_function(self, z_phys: Tensor | None) -> NeuralHamiltonian:
+        """``H(y)`` for a fixed code: ``y (..., B, 2 dim_q) -> (..., B)``, a
+        :class:`~pyro_physvae.hamiltonian.NeuralHamiltonian` (which also gives ``dH/dy``)."""
         z = z_phys if z_phys is not None else self.t.new_zeros(0)
-        net = self.energy.bind_conditioned(z)
-        if self.harmonic_period is None:
-            return lambda y: net(y).squeeze(-1)
-        d, w2 = self.dim_q, (2 * math.pi / self.harmonic_period) ** 2
-
-        def energy(y: Tensor) -> Tensor:
-            q, p = y[..., :d], y[..., d:]
-            return 0.5 * (p.pow(2).sum(-1) + w2 * q.pow(2).sum(-1)) + net(y).squeeze(-1)
-
-        return energy
+        return NeuralHamiltonian(self.energy, z, self.dim_q, angular_frequency(self.harmonic_period),
+                                 gradient=self.energy_gradient)
 
     def hamiltonian_field(self, energy: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
         """The right-hand side ``f(t, y) = (dH/dp, -dH/dq)`` of an energy function.
 
-        The gradient is taken with autograd; its graph is kept whenever gradients are being
-        recorded (training, NUTS), so that derivatives reach H's weights and the latents.
+        The model's own energies give their written gradient (or autograd's, per
+        ``energy_gradient``); any other function of ``y (..., 2 dim_q)`` is differentiated by
+        autograd. Either way the graph is kept whenever gradients are being recorded
+        (training, NUTS), so that derivatives reach H's weights and the latents.
         """
-        d = self.dim_q
-
-        def rhs(t: Tensor, y: Tensor) -> Tensor:
-            keep_graph = torch.is_grad_enabled()
-            with torch.enable_grad():
-                y_in = y if y.requires_grad else y.detach().requires_grad_()
-                (grad,) = torch.autograd.grad(energy(y_in).sum(), y_in, create_graph=keep_graph)
-            return torch.cat((grad[..., d:], -grad[..., :d]), -1)
-
-        return rhs
+        return hamiltonian_vector_field(energy, self.dim_q)
 
     def trajectory(self, y0: Tensor, z_phys: Tensor | None, t: Tensor | None = None) -> Tensor:
-        """Physics-only states ``(..., B, T, 2 dim_q)`` from ``y0 (..., B, 2 dim_q)``."""
-        return self.solve(self.hamiltonian_field(self.energy_function(z_phys)), y0, t)
+        """Physics-only states ``(..., B, T, 2 dim_q)`` from ``y0 (..., B, 2 dim_q)``.
+
+        With the written gradient and a native fixed-grid solver the whole solve is one
+        autograd node (:meth:`~pyro_physvae.hamiltonian.NeuralHamiltonian.trajectory`); other
+        solvers integrate :meth:`hamiltonian_field`. Both give the same states and gradients up
+        to float rounding."""
+        energy = self.energy_function(z_phys)
+        ys = energy.trajectory(y0, self.t if t is None else t, self.method, self.substeps)
+        return ys if ys is not None else self.solve(self.hamiltonian_field(energy), y0, t)
 
     def angles(self, q: Tensor) -> Tensor:
         """Joint angles ``(..., n_joints, T)`` [rad] from coordinates ``q (..., T, dim_q)``."""
