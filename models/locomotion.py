@@ -15,11 +15,11 @@ epochs to produce any motion.
 with the generalised coordinates ``q`` in R^3 mapped linearly to the three observed joint
 angles, ``x_P = W q(t) + b``. The initial state ``y0 = (q0, p0)`` is a latent variable
 (standard Normal prior) inferred by the guide: the data show angles, not momenta. The
-gradient of H is taken with autograd inside the right-hand side; in training the graph of
-that gradient is kept (``create_graph``) so that the loss reaches H's weights. By default the
-network's input gradient is instead written out as ordinary tensor operations
-(:mod:`pyro_physvae.hamiltonian`), so that training takes one ordinary backward rather than
-autograd's double backward; ``energy_gradient="autograd"`` selects autograd.
+right-hand side needs the gradient of H, and training needs derivatives of that gradient.
+:mod:`pyro_physvae.hamiltonian` writes the network's input gradient out and, with the native
+fixed-grid solvers, runs the whole solve with its exact adjoint as one autograd node (same
+values and gradients as autograd's double backward, up to rounding, at about half the cost);
+``energy_gradient="autograd"`` takes the gradient with ``torch.autograd.grad`` instead.
 
 What the energy cannot express is left to an out-of-ODE network of ``z_A2``: the observed
 angles are ``x ~ Normal(x_P + f_A2(z_A2), sigma)``. ``nn-only`` has no dynamics: its
@@ -79,8 +79,8 @@ class LocomotionModel(PhysVAEModel):
         x_lnvar: log variance of the observation noise (default: the reference objective).
         learn_noise: learn ``x_lnvar`` instead of fixing it.
         method, substeps: ODE solver and sub-steps per dt. The default, ``rk4`` (four
-            right-hand sides per step, each with a double backward in training), keeps the
-            learnt energy's drift over a cycle at 0.075% (median) on the benchmark run; a
+            right-hand sides per step), keeps the learnt energy's drift over a cycle at
+            0.075% (median) on the benchmark run; a
             run trained with the explicit midpoint rule, at half the cost, drifted by 1.6%,
             and Euler does not conserve the energy at all (it drifts by more than the spread
             of energies between recordings) (``benchmarks/RESULTS.md``).
