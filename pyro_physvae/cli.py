@@ -307,7 +307,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                        num_samples=args.samples, out_dir=args.out, device=args.device,
                        guide_steps=args.guide_steps, checkpoint=args.checkpoint,
                        refine_steps=args.refine_steps, calibrate_on=calibrate_on,
-                       stream=args.stream)
+                       iwae_particles=args.iwae_particles, stream=args.stream)
     print(json.dumps(metrics, indent=2))
 
 
@@ -590,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics and figures of a run on a split")
     _add_run_arguments(e)
     e.add_argument("--samples", type=_positive_int, default=100)
+    e.add_argument("--iwae-particles", type=_positive_int, default=50,
+                   help="importance samples per sequence of the IWAE log-likelihood")
     e.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"],
                    help="the best-validation checkpoint or the last one")
     e.add_argument("--out", default=None,
