@@ -268,7 +268,8 @@ class SVITrainer:
         parameters keep their values and :class:`TrainingDiverged` is raised."""
         with _divergence_as_error():
             value, params = self._params(*args, **kwargs)
-            refuse_non_finite_step(value, params)
+            if not isinstance(self.loss, PhysVAELoss):  # which has refused such a step already
+                refuse_non_finite_step(value, params)
         self._ensure_optimizer(params)
         grads = [p.grad for p in params if p.grad is not None]
         if self.grad_scale != 1.0 and grads:
