@@ -76,6 +76,7 @@ from pyro_physvae.train import (
     _RunWriter,
     _setup_run,
     device_rng_state,
+    validation_loss,
 )
 
 ACCELERATORS = ("cpu", "gpu")
@@ -375,16 +376,14 @@ def _lightning_module_class() -> type:
             self.model.eval()
             self.guide.eval()
             try:
-                val_loss, x_mean = run.trainer.evaluate(run.x_check)
+                val_loss, val_mse = validation_loss(run.trainer, run.x_check)
             except (IntegrationError, TrainingDiverged) as e:
                 return None, str(e)
             if not math.isfinite(val_loss):
                 return None, f"validation loss became {val_loss}"
-            x_check = run.x_check
             record = {"epoch": self._epoch + 1, "loss": sums[0] / run.n,
                       **dict(zip(names, sums[1:], strict=True)),
-                      "val_loss": val_loss / x_check.shape[0],
-                      "val_mse": float((x_mean - x_check).pow(2).mean()) if x_mean is not None else math.nan,
+                      "val_loss": val_loss / run.x_check.shape[0], "val_mse": val_mse,
                       "lr": run.config.lr, "time_train": t_train,
                       "time_epoch": time.perf_counter() - self._t0}
             return record, None

@@ -37,7 +37,7 @@ from pyro_physvae.data.io import (
     require_dimension,
     to_tensor,
 )
-from pyro_physvae.data.lazy import LazyRows, is_lazy, lazy_rows
+from pyro_physvae.data.lazy import LazyRows, is_lazy, lazy_rows, open_lazy_dataset
 from pyro_physvae.settings import Setting
 from pyro_physvae.validation import check_sequences
 
@@ -137,8 +137,11 @@ class System:
 
     def load_split(self, data_dir: str | os.PathLike, split: str, *, lazy: bool = False) -> xr.Dataset:
         """The split ``<data_dir>/<split>.nc``, or read in place by :attr:`read_split`;
-        ``lazy``: its observations stay in the file (see :func:`~pyro_physvae.data.io.load_split`)."""
-        return load_split(data_dir, split, system=self.name, reader=self.read_split, lazy=lazy)
+        ``lazy``: the observations of a netCDF split stay in the file
+        (:func:`~pyro_physvae.data.lazy.open_lazy_dataset`); a split read by
+        :attr:`read_split` is read into memory all the same."""
+        return load_split(data_dir, split, system=self.name, reader=self.read_split,
+                          open_file=open_lazy_dataset if lazy else None)
 
     def observations(self, ds: xr.Dataset, device: torch.device | str = "cpu") -> torch.Tensor | LazyRows:
         """The observation tensor ``(N, *event)`` of a data set in torch's default dtype, the

@@ -149,15 +149,14 @@ def check_data_dir(data_dir: str | os.PathLike, splits: tuple[str, ...] = SPLITS
 
 def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = None,
                reader: Callable[[str | os.PathLike, str], xr.Dataset] | None = None,
-               lazy: bool = False) -> xr.Dataset:
+               open_file: Callable[..., xr.Dataset] | None = None) -> xr.Dataset:
     """Load ``<data_dir>/<split>.nc`` (checked to hold ``system`` data, if given); where it
     does not exist, ``reader(data_dir, split)`` reads the split in place from a system's own
     on-disk layout (``System.read_split``, e.g. the real gait recordings; see
     ``System.load_split``).
 
-    ``lazy``: leave the observations ``x`` of a netCDF split in its file, to be read in
-    chunks (:func:`~pyro_physvae.data.lazy.open_lazy_dataset`); a split read by ``reader``
-    is read into memory all the same."""
+    ``open_file(path, system=...)`` reads a netCDF split instead of :func:`load_dataset`,
+    e.g. :func:`~pyro_physvae.data.lazy.open_lazy_dataset`, which leaves ``x`` in the file."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     check_data_dir(data_dir, (split,), own_layout=reader is not None)
@@ -167,11 +166,7 @@ def load_split(data_dir: str | os.PathLike, split: str, *, system: str | None = 
         ds.encoding.setdefault("source", f"the {split} split of {data_dir}")
         check_dataset(ds, system=system)
         return ds
-    if lazy:
-        from pyro_physvae.data.lazy import open_lazy_dataset
-
-        return open_lazy_dataset(path, system=system)
-    return load_dataset(path, system=system)
+    return (open_file or load_dataset)(path, system=system)
 
 
 def to_tensor(values: np.ndarray | xr.DataArray, device: torch.device | str = "cpu", *,
