@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from pyro_physvae.nets import ACTIVATIONS, MLP
-from pyro_physvae.ode import _TABLEAUS, IntegrationError
+from pyro_physvae.ode import TABLEAUS, IntegrationError, is_uniform
 
 Energy = Callable[[Tensor], Tensor]
 Gradient = Callable[[Tensor], Tensor]
@@ -230,7 +230,7 @@ class NeuralHamiltonian:
         :func:`hamiltonian_rk_trajectory`, or ``None`` where that does not apply (the gradient
         is autograd's, or the solver or time grid is not one of the native loop's), and the
         caller should integrate :meth:`vector_field` instead."""
-        if self.written is None or method not in _TABLEAUS or t.numel() < 2 or not _is_uniform(t):
+        if self.written is None or method not in TABLEAUS or t.numel() < 2 or not is_uniform(t):
             return None
         d = self.dim_q
         linear = None
@@ -254,11 +254,6 @@ def hamiltonian_vector_field(energy: Energy, dim_q: int) -> RightHandSide:
 def angular_frequency(period: float | None) -> float | None:
     """``2 pi / period`` [rad per time unit], or ``None`` for no period."""
     return None if period is None else 2 * math.pi / float(period)
-
-
-def _is_uniform(t: Tensor) -> bool:
-    steps = t.diff()
-    return bool(torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-5, atol=0.0))
 
 
 # -- a fixed-grid solve as one autograd node ------------------------------------------------------
@@ -288,7 +283,7 @@ def hamiltonian_rk_trajectory(net: NetworkGradient, w_field: Tensor, linear: Ten
     x0 = y0.expand(*lead, y0.shape[-1]).reshape(-1, y0.shape[-1])
     offset = net.offset.expand(*lead, net.offset.shape[-1]).reshape(-1, net.offset.shape[-1])
     steps = (t.diff() / substeps).tolist()
-    solver = _Solver(net.activation, _TABLEAUS[method], steps, substeps, len(net.hidden))
+    solver = _Solver(net.activation, TABLEAUS[method], steps, substeps, len(net.hidden))
     tensors = (x0, offset, net.w_x, w_field, linear, net.w_out,
                *(p for layer in net.hidden for p in layer))
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in tensors):

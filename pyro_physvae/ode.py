@@ -83,7 +83,7 @@ def integrate(
         ys = y0.unsqueeze(-2)
     else:
         try:
-            if method in _TABLEAUS and (_is_uniform(t) if uniform is None else uniform):
+            if method in TABLEAUS and (is_uniform(t) if uniform is None else uniform):
                 ys = _fixed_grid(rhs, y0, t, substeps, method)
                 own_states = True
             elif method in FIXED_STEP_METHODS:
@@ -103,14 +103,16 @@ def integrate(
     return ys
 
 
-def _is_uniform(t: Tensor) -> bool:
+def is_uniform(t: Tensor) -> bool:
+    """Whether the times ``t (T,)`` are evenly spaced (to 1e-5 relative)."""
     steps = t.diff()
     return bool(torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-5, atol=0.0))
 
 
-#: Stages of the fixed-grid methods run by :func:`_fixed_grid`, as torchdiffeq defines them:
-#: ``(c_i, a_ij)`` for each stage and the weights ``b``.
-_TABLEAUS: dict[str, tuple[tuple[tuple[float, tuple[float, ...]], ...], tuple[float, ...]]] = {
+#: Stages of the fixed-grid methods run natively (here and in
+#: :mod:`pyro_physvae.hamiltonian`), as torchdiffeq defines them: ``(c_i, a_ij)`` for each
+#: stage and the weights ``b``.
+TABLEAUS: dict[str, tuple[tuple[tuple[float, tuple[float, ...]], ...], tuple[float, ...]]] = {
     "euler": (((0.0, ()),), (1.0,)),
     "midpoint": (((0.0, ()), (0.5, (0.5,))), (0.0, 1.0)),
     # torchdiffeq's "rk4" is the 3/8 rule.
@@ -124,7 +126,7 @@ def _fixed_grid(rhs: RightHandSide, y0: Tensor, t: Tensor, substeps: int, method
     ``substeps`` steps per interval, as torchdiffeq computes it, without its per-step
     interpolation bookkeeping, which is a large share of the cost for the small right-hand
     sides of the zoo. Returns ``(..., T, D)``."""
-    stages, weights = _TABLEAUS[method]
+    stages, weights = TABLEAUS[method]
     # Each interval's own step, so that the solution lands on the given times exactly.
     step = t.diff() / substeps
     starts = t[:-1, None] + step[:, None] * torch.arange(substeps, device=t.device, dtype=t.dtype)
