@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_physvae.arguments import check_keyword_arguments
+from pyro_physvae.data.lazy import return_freed_memory
 from pyro_physvae.settings import SETTINGS
 from pyro_physvae.systems import describe_source, get_system, load_plugin, registered_systems
 
@@ -268,6 +269,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         check_keyword_arguments(make_autoguide, guide_kwargs, bound=("kind", "model"),
                                 label=f"--guide-option (--guide {config.guide})")
+    if config.stream:
+        return_freed_memory()
     if args.accelerator is None and args.devices is None and args.strategy is None:
         history = train(system, setting, args.data, out, config, model_kwargs=model_kwargs,
                         guide_kwargs=guide_kwargs, resume=args.resume, overwrite=args.overwrite,
@@ -301,6 +304,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import evaluate, evaluation_folder
 
     calibrate_on = None if args.calibrate_on == "none" else args.calibrate_on
+    if args.stream:
+        return_freed_memory()
     _check_run_inputs(args, tuple(dict.fromkeys(s for s in (args.split, calibrate_on) if s)),
                       evaluation_folder(args.split, args.checkpoint))
     metrics = evaluate(args.run, args.data, split=args.split,

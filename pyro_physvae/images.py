@@ -297,9 +297,9 @@ def rotation_check(model: Any, base: Mapping[str, Tensor], name: str = "theta", 
     a0 = base[name]
     k = a0.shape[0]
     deltas = torch.arange(n_angles, dtype=a0.dtype, device=a0.device) * math.pi / n_angles  # includes 0
-    lat = {n: v.unsqueeze(0).expand(n_angles, *v.shape) for n, v in base.items()}
-    lat[name] = a0.unsqueeze(0) + deltas[:, None]  # (J, K)
-    images = decode_latents(model, lat)
+    # One angle at a time: decoding the J x K images at once took 0.6 GB at 69 x 69.
+    turns = [decode_latents(model, {**base, name: a0 + delta}) for delta in deltas]
+    images = {key: torch.stack([turn[key] for turn in turns]) for key in turns[0]}  # (J, K, ...)
     x, y = pixel_grid(images["x_mean"].shape[-1], dtype=a0.dtype, device=a0.device)
     mask = ((x**2 + y**2) <= mask_radius**2).to(a0.dtype)
     out: dict[str, float] = {"n_galaxies": k, "n_angles": n_angles}
