@@ -270,3 +270,31 @@ def test_every_split_of_the_tiny_data_opens_lazily(tiny_data_dir):
         x = system.observations(ds)
         assert isinstance(x, LazyRows)
         assert torch.equal(x[:], system.observations(system.load_split(tiny_data_dir, split)))
+
+
+_FREED = """
+import os, sys
+import numpy as np
+from pyro_physvae.data.lazy import return_freed_memory
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+big = np.ones(16 << 20, dtype=np.uint8); del big  # glibc raises its mmap threshold to 16 MB
+if sys.argv[1] == "fix": assert return_freed_memory()
+blocks = [np.ones(4 << 20, dtype=np.uint8) for _ in range(3)]
+before = rss(); del blocks
+print((before - rss()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the RSS from /proc")
+def test_freed_chunks_go_back_to_the_system():
+    """Three 4 MB blocks freed after glibc's threshold has grown: kept by the heap by default,
+    returned at once after return_freed_memory (what --stream does)."""
+    import subprocess
+    import sys
+
+    def freed(mode: str) -> float:
+        return float(subprocess.run([sys.executable, "-c", _FREED, mode], check=True,
+                                    capture_output=True, text=True).stdout)
+
+    assert freed("fix") >= 11.5
+    assert freed("default") < 4

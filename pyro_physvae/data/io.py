@@ -45,19 +45,31 @@ def load_dataset(path: str | os.PathLike, *, system: str | None = None) -> xr.Da
             ``dt``/``dx`` attribute that is not a finite positive number or a ``time``
             coordinate that does not increase, or belongs to another system than ``system``.
     """
+    path = require_data_file(path)
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as f:
+            ds = f.load()
+    except Exception as e:  # h5py/h5netcdf raise many types for a damaged file
+        raise unreadable(path, e) from e
+    ds.encoding["source"] = str(path)
+    check_dataset(ds, system=system)
+    return ds
+
+
+def require_data_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; a ``FileNotFoundError`` where it does not exist and a
+    ``ValueError`` where it is a directory."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"data file {path} is a directory, expected a netCDF file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as f:
-            ds = f.load()
-    except Exception as e:  # h5py/h5netcdf raise many types for a damaged file
-        raise ValueError(f"cannot read {path} as a netCDF data set ({type(e).__name__}: {e})") from e
-    ds.encoding["source"] = str(path)
-    check_dataset(ds, system=system)
-    return ds
+    return path
+
+
+def unreadable(path: Path, error: Exception) -> ValueError:
+    """The error for a file that h5py/h5netcdf cannot read as a netCDF data set."""
+    return ValueError(f"cannot read {path} as a netCDF data set ({type(error).__name__}: {error})")
 
 
 def check_dataset(ds: xr.Dataset, *, system: str | None = None, check_values: bool = True) -> None:

@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from pyro_physvae.data.io import check_dataset, dataset_source, to_tensor
+from pyro_physvae.data.io import check_dataset, dataset_source, require_data_file, to_tensor, unreadable
 from pyro_physvae.files import atomic_write
 from pyro_physvae.validation import check_positive_int, check_sequences
 
@@ -147,11 +147,7 @@ def open_lazy_dataset(path: str | os.PathLike, *, system: str | None = None,
     """A netCDF data set with every variable but ``variable`` read into memory and
     ``variable`` left in the file; validated as :func:`~pyro_physvae.data.io.load_dataset`
     validates, with ``variable`` scanned in chunks. ``ds.encoding["source"]`` is the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"data file {path} is a directory, expected a netCDF file")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+    path = require_data_file(path)
     try:
         f = xr.open_dataset(path, engine="h5netcdf")
         # The other variables are read now; ``variable`` stays a lazily indexed array of
@@ -160,7 +156,7 @@ def open_lazy_dataset(path: str | os.PathLike, *, system: str | None = None,
         if variable in f:
             ds[variable] = f[variable]
     except Exception as e:  # h5py/h5netcdf raise many types for a damaged file
-        raise ValueError(f"cannot read {path} as a netCDF data set ({type(e).__name__}: {e})") from e
+        raise unreadable(path, e) from e
     ds.encoding["source"] = str(path)
     ds.attrs["_lazy_variable"] = variable
     check_dataset(ds, system=system, check_values=False)
