@@ -58,8 +58,16 @@ from pyro_physvae.report import (  # noqa: E402
     write_json,
 )
 
-#: Images per chunk of posterior sampling (bounds memory: draws x chunk x image).
-CHUNK = 25
+#: Images decoded at once (images per chunk x draws), which bounds the memory of a pass: at
+#: 69 x 69, 25 images x 10 draws raised the peak of a streamed evaluation by 0.25 GB more
+#: than 5 x 10 did, at the same speed (``benchmarks/RESULTS.md``, "Data larger than memory").
+DECODED_PER_PASS = 50
+
+
+def images_per_chunk(draws: int) -> int:
+    """Images per chunk when each is decoded ``draws`` times: :data:`DECODED_PER_PASS`
+    decodes at once, at least one image."""
+    return max(1, DECODED_PER_PASS // draws)
 #: Images shown in the reconstruction figure (their posterior-mean images are kept).
 FIGURE_IMAGES = 6
 
@@ -133,12 +141,12 @@ def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None,
 
 # -- streamed posterior summaries ---------------------------------------------------------------
 def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, num_samples: int, *,
-                        seed: int = 0, chunk: int = CHUNK, noise: NoiseEstimate | None = None,
+                        seed: int = 0, chunk: int | None = None, noise: NoiseEstimate | None = None,
                         keep_images: int | None = None) -> dict[str, Tensor]:
     """Posterior summaries of the images ``x (N, *event)``, a tensor or
-    :class:`~pyro_physvae.data.lazy.LazyRows` (read ``chunk`` images at a time from the file),
-    computed ``chunk`` images at a time, so that memory is bounded by a chunk's draws plus
-    what is kept per image:
+    :class:`~pyro_physvae.data.lazy.LazyRows` (read from the file a chunk at a time),
+    computed ``chunk`` images at a time (default :func:`images_per_chunk`), so that memory is
+    bounded by a chunk's draws plus what is kept per image:
 
     * draws of every latent ``(S, N, ...)``;
     * the posterior-mean images ``x_mean`` (and ``x_P`` where the model has it)
@@ -155,6 +163,7 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
     """
     parts: list[dict[str, Tensor]] = []
     kept = x.shape[0] if keep_images is None else keep_images
+    chunk = chunk or images_per_chunk(num_samples)
     k_lo, k_hi = round((1 - INTERVAL) / 2 * (num_samples - 1)), round((1 + INTERVAL) / 2 * (num_samples - 1))
     axes = noise_channel_axes(x.shape[1:], getattr(model, "observation_dims", None))
 
@@ -189,10 +198,12 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
 
 
 def streamed_iwae(model: Callable, guide: Callable, x: Tensor | LazyRows, num_particles: int, *,
-                  seed: int = 0, chunk: int = CHUNK) -> Tensor:
+                  seed: int = 0, chunk: int | None = None) -> Tensor:
     """:func:`~pyro_physvae.diagnostics.iwae_log_likelihood` of each image ``(N,)``, ``chunk``
-    images at a time (``x`` a tensor or :class:`~pyro_physvae.data.lazy.LazyRows`)."""
+    images at a time (default :func:`images_per_chunk`; ``x`` a tensor or
+    :class:`~pyro_physvae.data.lazy.LazyRows`)."""
     n = x.shape[0]
+    chunk = chunk or images_per_chunk(num_particles)
     if not supports_subsampling(guide):
         chunk = n
     return torch.cat([

@@ -189,7 +189,7 @@ def test_a_run_resumes_with_or_without_streaming(tiny_data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def galaxy_run(tmp_path_factory) -> tuple[Path, Path]:
     """A galaxy run trained 2 epochs by streaming, and its data with a test split larger than
-    the evaluation's chunk of 25 images."""
+    the evaluation's chunks (12 images at 4 draws)."""
     system = get_system("galaxy")
     root = tmp_path_factory.mktemp("galaxy-stream")
     sizes = {**system.test_sizes["data"], "n_valid": 12, "n_test": 30}
@@ -217,7 +217,7 @@ def test_streamed_image_evaluation_gives_the_in_memory_metrics(galaxy_run, tmp_p
 
 
 def test_refined_evaluation_of_more_images_than_a_chunk(galaxy_run, tmp_path):
-    """A guide refined on all 30 images serves the chunks of 25 (it once drew 30 images'
+    """A guide refined on all 30 images serves the chunks of 12 (it once drew 30 images'
     latents for a chunk); streamed, the refinement itself runs in chunks."""
     data, run = galaxy_run
     kwargs = {"num_samples": 4, "iwae_particles": 2, "refine_steps": 2}
