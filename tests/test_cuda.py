@@ -42,13 +42,17 @@ TOLERANCE = {torch.float64: (1e-8, 1e-6), torch.float32: (1e-4, 1e-2)}
 
 
 
-@pytest.fixture(scope="module")
-def data_dir(system: System, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp(f"data-{system.name}")
+def write_test_data(system: System, path: Path) -> Path:
+    """The system's tiny generated splits, written to ``path``."""
     for split, ds in system.generate(seed=0, **system.test_sizes["data"]).items():
         if split in SPLITS:
             save_dataset(ds, path / f"{split}.nc")
     return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(system: System, tmp_path_factory) -> Path:
+    return write_test_data(system, tmp_path_factory.mktemp(f"data-{system.name}"))
 
 
 def tiny_train(system: System, data_dir: Path, run_dir: Path, device: str = DEVICE, epochs: int = 2,
@@ -136,9 +140,7 @@ def test_resume_continues_the_device_random_stream(tmp_path):
     """Two epochs, or one and a resume for the second: the same history (the GPU's generator
     is restored from the checkpoint, not re-seeded)."""
     system = get_system("pendulum")
-    data = tmp_path / "data"
-    for split, ds in system.generate(seed=0, **system.test_sizes["data"]).items():
-        save_dataset(ds, data / f"{split}.nc")
+    data = write_test_data(system, tmp_path / "data")
     straight = tiny_train(system, data, tmp_path / "straight", epochs=2)
     tiny_train(system, data, tmp_path / "resumed", epochs=1)
     resumed = tiny_train(system, data, tmp_path / "resumed", epochs=2, resume=True)
@@ -152,9 +154,7 @@ def test_lightning_gpu_engine_matches_single_process(tmp_path):
     from pyro_physvae.distributed import train_lightning
 
     system = get_system("pendulum")
-    data = tmp_path / "data"
-    for split, ds in system.generate(seed=0, **system.test_sizes["data"]).items():
-        save_dataset(ds, data / f"{split}.nc")
+    data = write_test_data(system, tmp_path / "data")
     single = tiny_train(system, data, tmp_path / "single", epochs=2)
     lit = train_lightning(system, "phys+nn+reg", data, tmp_path / "lightning",
                           TrainConfig(device=DEVICE, epochs=2, batch_size=16, seed=0),
@@ -170,9 +170,7 @@ def test_lightning_gpu_engine_matches_single_process(tmp_path):
 
 def test_nuts_and_counterfactual_on_device(tmp_path):
     system = get_system("pendulum")
-    data = tmp_path / "data"
-    for split, ds in system.generate(seed=0, **system.test_sizes["data"]).items():
-        save_dataset(ds, data / f"{split}.nc")
+    data = write_test_data(system, tmp_path / "data")
     run = tmp_path / "run"
     tiny_train(system, data, run)
     report = nuts_report(run, sequences=(0,), num_samples=10, warmup_steps=10, num_chains=2,
@@ -186,9 +184,7 @@ def test_nuts_and_counterfactual_on_device(tmp_path):
 
 def test_extrapolate_on_device(tmp_path):
     system = get_system("advdif")
-    data = tmp_path / "data"
-    for split, ds in system.generate(seed=0, **system.test_sizes["data"]).items():
-        save_dataset(ds, data / f"{split}.nc")
+    data = write_test_data(system, tmp_path / "data")
     run = tmp_path / "run"
     tiny_train(system, data, run)
     report = extrapolate(run, n_steps=30, n_sequences=4, num_samples=4, horizons=(10, 30),
