@@ -195,9 +195,10 @@ def _auto_normal_at(model: torch.nn.Module, x: Tensor, locs: dict[str, Tensor],
                     scales: dict[str, Tensor], **plate_kwargs) -> AutoNormal:
     """An ``auto-normal`` guide with the given locations and scales (by site, leading dim
     the data plate), its plates made by calling it on ``x`` with ``plate_kwargs``."""
-    auto = make_autoguide("auto-normal", model)
+    # Started at the rows of ``x``: no prior draws (as an init strategy would make) are spent.
+    auto = make_autoguide("auto-normal", model, init_loc_fn=lambda site: locs[site["name"]][:x.shape[0]])
     with torch.no_grad():
-        auto(x, **plate_kwargs)  # creates the parameters (of the plate's full size), replaced below
+        auto(x, **plate_kwargs)  # creates the parameters (of the plate's full size), set below
         for name, loc in locs.items():
             deep_setattr(auto.locs, name, PyroParam(loc.clone(), constraints.real,
                                                     event_dim=loc.dim() - 1))

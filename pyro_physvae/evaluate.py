@@ -334,10 +334,11 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     :func:`default_evaluator`; an evaluator that takes no ``calibration`` keyword is run
     uncalibrated, with a warning.
 
-    ``stream``: read the observations from their files in chunks
-    (:class:`~pyro_physvae.data.lazy.LazyRows`) for data larger than memory. The image
-    evaluator (galaxy) and the refinement stream; the default evaluator keeps every
-    sequence's draws and so reads the split into memory.
+    ``stream``: read the observations from their files in chunks for data larger than
+    memory. A system's own ``evaluator`` then receives them as
+    :class:`~pyro_physvae.data.lazy.LazyRows` (the image evaluator, :mod:`pyro_physvae.images`,
+    streams them, and so does the refinement); :func:`default_evaluator` keeps every
+    sequence's draws and so gets the split read into memory.
     """
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = run.load(split, data_dir, lazy=stream)
