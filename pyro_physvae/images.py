@@ -183,7 +183,8 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
         means = {key: draws[key].mean(0) for key in ("x_mean", "x_P") if key in draws}
         for key, mean in means.items():
             part["mse" if key == "x_mean" else "mse_P"] = (mean - xb).pow(2).flatten(1).mean(1)
-            part[key] = mean[:max(0, kept - start)]
+            # A copy: a slice, even an empty one, would keep the whole chunk's images alive.
+            part[key] = mean[:max(0, kept - start)].clone()
         part["resid_ml"] = residual_moments(xb, draws["x_mean"], axes)
         part["resid_plugin"] = residual_moments(xb, means["x_mean"], axes)
         part["predictive_coverage_raw"] = coverage(xb, draws["x"])

@@ -298,3 +298,16 @@ def test_freed_chunks_go_back_to_the_system():
 
     assert freed("fix") >= 11.5
     assert freed("default") < 4
+
+
+def test_image_summaries_keep_only_the_figure_images(galaxy_run):
+    """With ``keep_images``, the summaries hold the posterior-mean images of the first images
+    only, and per-image errors for all."""
+    from pyro_physvae.images import posterior_summaries
+
+    data, run_dir = galaxy_run
+    run = load_run(run_dir)
+    with LazyRows(data / "test.nc") as rows:
+        summary = posterior_summaries(run.model, run.guide, rows, 4, keep_images=3)
+    assert summary["x_mean"].shape == (3, *rows.shape[1:])
+    assert summary["mse"].shape == summary["predictive_coverage"].shape == (30,)
