@@ -603,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: RUN/eval-SPLIT (best.pt) or RUN/eval-SPLIT-last (last.pt)")
     e.add_argument("--device", type=_device, default="cpu")
     e.add_argument("--stream", action="store_true",
-                   help="read the images from their files in chunks (data larger than memory; the "
-                   "galaxy evaluation and refinement stream, series evaluations load the split)")
+                   help="read the observations from their files in chunks (data larger than memory; "
+                   "evaluation and refinement stream, an AutoGuide run's guide is fitted on the "
+                   "split read into memory)")
     _add_calibration_argument(e)
     _add_guide_arguments(e)
     e.set_defaults(func=cmd_evaluate)

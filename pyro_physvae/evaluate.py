@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     central_interval,
     conformal_calibration,
     draws_to_inference_data,
-    estimate_noise,
     interval_widening,
     iwae_log_likelihood,
     loo_report,
@@ -67,16 +65,26 @@ from pyro_physvae.report import (  # noqa: E402
     INTERVAL,
     Calibration,
     CalibrationSplit,
-    build_calibration,
     iwae_summary,
     parameter_metrics,
-    seq_scale,
     write_json,
 )
 from pyro_physvae.settings import Setting  # noqa: E402
+from pyro_physvae.summaries import (  # noqa: E402
+    PER_ROW,
+    fit_calibration_in_chunks,
+    posterior_summaries,
+    row_summaries,
+    streamed_iwae,
+    variance_explained_from_moments,
+)
 from pyro_physvae.systems import System, get_system  # noqa: E402
 from pyro_physvae.train import build_pair  # noqa: E402
 from pyro_physvae.validation import check_positive_int  # noqa: E402
+
+#: Sequences whose every draw is kept for the reconstruction figure of
+#: :func:`default_evaluator` (the figure shows at most 9).
+FIGURE_SEQUENCES = 9
 
 #: Factors of the physics parameter in :func:`counterfactual` by default.
 COUNTERFACTUAL_FACTORS = (0.2, 0.5, 1.0, 2.0, 3.0)
@@ -155,30 +163,40 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str | tor
 
 def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
                     physics: tuple[str, ...], calibration: Calibration | None = None) -> dict[str, Any]:
+    """:func:`summary_metrics` of draws of all the rows at once: ``draws`` as
+    :func:`~pyro_physvae.diagnostics.with_noise` leaves them (``x``, ``x_mean``, optionally
+    ``x_P`` and ``x_raw``, each ``(S, N, *event)``, and the physics parameters ``(S, N)``)
+    for the observations ``x (N, *event)`` of ``ds``."""
+    summary = {**draws, **row_summaries(x, draws, channel_axes=(), channel_sums=True)}
+    return summary_metrics(ds, summary, physics, calibration)
+
+
+def summary_metrics(ds: xr.Dataset, summary: Mapping[str, Tensor], physics: tuple[str, ...],
+                    calibration: Calibration | None = None) -> dict[str, Any]:
     """Reconstruction MSE of the posterior-mean reconstruction (per element), the coverage
     of the observations by the central 90% posterior-predictive intervals and, for every
-    physics parameter with a true value in ``ds``, its error, correlation and coverage.
+    physics parameter with a true value in ``ds``, its error, correlation and coverage, from
+    the per-row summaries of :func:`~pyro_physvae.summaries.posterior_summaries`.
 
-    ``draws`` as :func:`~pyro_physvae.diagnostics.with_noise` leaves them: where they hold
-    raw replicates ``x_raw``, ``predictive_coverage90`` is that of the noise-calibrated
-    replicates ``x`` and ``predictive_coverage90_raw`` that of the model's own noise.
-    ``calibration``: the interval recalibrations fitted on another split (see
+    Where the draws held raw replicates ``x_raw``, ``predictive_coverage90`` is that of the
+    noise-calibrated replicates and ``predictive_coverage90_raw`` that of the model's own
+    noise. ``calibration``: the interval recalibrations fitted on another split (see
     :func:`~pyro_physvae.report.parameter_metrics`).
     """
-    recon = draws["x_mean"].mean(0)
-    out: dict[str, Any] = {"n_sequences": int(x.shape[0]),
-                           "recon_mse": float((recon - x).pow(2).mean())}
-    if "x_P" in draws:
-        out["physics_only_mse"] = float((draws["x_P"].mean(0) - x).pow(2).mean())
-        out["physics_only_variance_explained"] = variance_explained(x, draws["x_P"].mean(0))
-    out["predictive_coverage90"] = predictive_coverage(x, draws["x"])
-    out["predictive_coverage90_raw"] = predictive_coverage(x, draws.get("x_raw", draws["x"]))
+    mse = summary["mse"]  # rows of one size: the mean of the rows' errors is the overall one
+    out: dict[str, Any] = {"n_sequences": int(mse.shape[0]), "recon_mse": float(mse.mean())}
+    if "mse_P" in summary:
+        out["physics_only_mse"] = float(summary["mse_P"].mean())
+        if "mse_P_channel" in summary:
+            out["physics_only_variance_explained"] = variance_explained_from_moments(summary)
+    out["predictive_coverage90"] = float(summary["predictive_coverage"].mean())
+    out["predictive_coverage90_raw"] = float(summary["predictive_coverage_raw"].mean())
     seq = None
     if calibration is not None and calibration.intervals:
-        seq = seq_scale(x, recon, calibration.seq_scale_model)
+        seq = mse.sqrt() / calibration.seq_scale_model
     for name in physics:
-        if name in ds and name in draws:
-            out[name] = parameter_metrics(draws[name], ds[name].values, calibration=calibration,
+        if name in ds and name in summary:
+            out[name] = parameter_metrics(summary[name], ds[name].values, calibration=calibration,
                                           name=name, seq=seq)
     return out
 
@@ -212,26 +230,12 @@ def calibration_split(run: Run, split: str, calibrate_on: str | None, data_dir: 
 
 def fit_calibration(run: Run, cal: CalibrationSplit, num_samples: int, seed: int = 0) -> Calibration:
     """Fit the observation noise and the physics-parameter interval recalibrations on the
-    calibration split ``cal`` from ``num_samples`` posterior draws per sequence (see
+    calibration split ``cal`` from ``num_samples`` posterior draws per sequence, a chunk of
+    sequences at a time (:func:`~pyro_physvae.summaries.fit_calibration_in_chunks`; see
     :func:`~pyro_physvae.diagnostics.estimate_noise`,
     :func:`~pyro_physvae.report.build_calibration`); its wall time, the guide's fit
     included, is recorded. Without a split: raw only, with ``cal.reason`` as the note."""
-    if cal.dataset is None:
-        return Calibration(None, notes=[cal.reason or "not calibrated"])
-    start = time.perf_counter()
-    model = run.model
-    draws = sample_posterior(model, cal.guide(), cal.x, num_samples, seed=seed + 1)
-    sigma_model = float(model.noise_scale())
-    noise = estimate_noise(cal.x, draws["x_mean"], observation_dims=getattr(model, "observation_dims", None),
-                           sigma_model=sigma_model, split=cal.name)
-    physics = physics_names(model)
-    truths = {p: cal.dataset[p].values for p in physics if p in cal.dataset}
-    result = build_calibration(cal.name, noise, {p: draws[p] for p in physics if p in draws}, truths,
-                               seq=seq_scale(cal.x, draws["x_mean"], sigma_model),
-                               missing=tuple(p for p in physics if p not in cal.dataset))
-    result.seq_scale_model = sigma_model
-    result.seconds = time.perf_counter() - start
-    return result
+    return fit_calibration_in_chunks(run.model, cal, num_samples, seed=seed)
 
 
 def calibration_report(cal: Calibration) -> dict[str, Any]:
@@ -335,18 +339,15 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     uncalibrated, with a warning.
 
     ``stream``: read the observations from their files in chunks for data larger than
-    memory. A system's own ``evaluator`` then receives them as
-    :class:`~pyro_physvae.data.lazy.LazyRows` (the image evaluator, :mod:`pyro_physvae.images`,
-    streams them, and so does the refinement); :func:`default_evaluator` keeps every
-    sequence's draws and so gets the split read into memory.
+    memory. The evaluator then receives them as :class:`~pyro_physvae.data.lazy.LazyRows`
+    (:func:`default_evaluator` and the image evaluator, :mod:`pyro_physvae.images`, stream
+    them through :mod:`pyro_physvae.summaries`, and so does the refinement); an AutoGuide
+    run's guide is fitted on the split read into memory.
     """
     run = load_run(run_dir, checkpoint, str(resolve_device(device)))
     ds = run.load(split, data_dir, lazy=stream)
     evaluator = run.system.evaluator or default_evaluator
-    streams = stream and evaluator is not default_evaluator
     x = run.system.observations(ds, device)
-    if not streams:
-        x = in_memory(x)
     refine = run.applied_refine_steps(refine_steps)
 
     def guide_for(xs: Tensor) -> Callable:
@@ -357,7 +358,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     kwargs: dict[str, Any] = {}
     if _accepts(evaluator, "calibration"):
         kwargs["calibration"] = calibration_split(run, split, calibrate_on, data_dir, guide_for, device,
-                                                  lazy=streams)
+                                                  lazy=stream)
     elif calibrate_on is not None:
         warnings.warn(f"the {run.system.name} system's evaluator takes no calibration= keyword: "
                       "its metrics are not calibrated", stacklevel=2)
@@ -371,39 +372,46 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor, out: Path, *,
+def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor | LazyRows, out: Path, *,
                       split: str = "test", num_samples: int = 100, iwae_particles: int = 50,
                       seed: int = 0, refine_steps: int = 0,
                       calibration: CalibrationSplit | None = None) -> dict[str, Any]:
     """The evaluation of a system without its own ``evaluator``.
 
     From ``num_samples`` posterior draws of ``guide`` on the observations ``x (N, *event)``
-    of ``ds``: :func:`compute_metrics`, the IWAE log-likelihood (``iwae_particles``
-    particles), the latents' correlations with the system's ``covariates`` and the system's
-    ``extra_metrics``; writes ``metrics.json``, ``reconstructions.png`` (see
-    :func:`plot_reconstructions`) and ``<parameter>.png`` per physics parameter with a truth
-    to ``out``. ``refine_steps`` (already given to ``guide``) is recorded. ``calibration``:
-    the split to calibrate noise and intervals on (see :func:`evaluate`; ``None``: raw
-    only). Returns the metrics.
+    of ``ds`` (a tensor, or :class:`~pyro_physvae.data.lazy.LazyRows` read from the file a
+    chunk at a time), summarised a chunk of sequences at a time
+    (:func:`~pyro_physvae.summaries.posterior_summaries`) so that memory does not grow with
+    the draws of the curves: :func:`summary_metrics`, the IWAE log-likelihood
+    (``iwae_particles`` particles), the latents' correlations with the system's
+    ``covariates`` and the system's ``extra_metrics`` (given the draws of every latent);
+    writes ``metrics.json``, ``reconstructions.png`` (the first :data:`FIGURE_SEQUENCES`
+    sequences, see :func:`plot_reconstructions`) and ``<parameter>.png`` per physics
+    parameter with a truth to ``out``. ``refine_steps`` (already given to ``guide``) is
+    recorded. ``calibration``: the split to calibrate noise and intervals on (see
+    :func:`evaluate`; ``None``: raw only). Returns the metrics.
     """
     system, model = run.system, run.model
     cal = fit_calibration(run, calibration or CalibrationSplit(None, reason="not calibrated"),
                           num_samples, seed)
-    draws = with_noise(sample_posterior(model, guide, x, num_samples, seed=seed), x, cal.noise, seed=seed)
+    summary = posterior_summaries(model, guide, x, num_samples, seed=seed, noise=cal.noise, keep_means=0,
+                                  keep_draws=FIGURE_SEQUENCES, channel_sums=True)
     physics = physics_names(model)
-    iwae = iwae_log_likelihood(model, guide, x, iwae_particles, seed=seed)
+    iwae = streamed_iwae(model, guide, x, iwae_particles, seed=seed)
     metrics = {**_header(run, split, num_samples, refine_steps),
-               **compute_metrics(ds, x, draws, physics, cal),
+               **summary_metrics(ds, summary, physics, cal),
                "iwae_log_likelihood": iwae_summary(iwae), **calibration_report(cal)}
     if system.covariates:
-        metrics["latent_correlations"] = latent_correlations(draws, ds, system.covariates,
+        metrics["latent_correlations"] = latent_correlations(summary, ds, system.covariates,
                                                              tuple(model.latent_sites))
+    latents = {k: v for k, v in summary.items() if k not in PER_ROW and k != "draws"}
     if system.extra_metrics is not None:
-        metrics.update(system.extra_metrics(model, draws, ds))
-    plot_reconstructions(system, ds, x, draws, out / "reconstructions.png")
+        metrics.update(system.extra_metrics(model, latents, ds))
+    shown = summary["draws"]
+    plot_reconstructions(system, ds, x[:shown["x"].shape[1]], shown, out / "reconstructions.png")
     for name in physics:
         if name in ds:
-            plot_parameter(ds[name].values, draws[name], name, out / f"{name}.png",
+            plot_parameter(ds[name].values, summary[name], name, out / f"{name}.png",
                            units=ds[name].attrs.get("units", ""),
                            calibration=cal.intervals.get(name))
     write_json(metrics, out / "metrics.json")

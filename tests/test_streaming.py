@@ -255,12 +255,64 @@ def test_cli_streams_training_and_evaluation(galaxy_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n_sequences"] == 30
 
 
-def test_series_evaluation_reads_a_streamed_split_into_memory(tiny_data_dir, tmp_path):
+def test_streamed_series_evaluation_gives_the_in_memory_metrics(tiny_data_dir, tmp_path):
     _train(tiny_data_dir, tmp_path / "run", epochs=1, stream=True)
-    streamed = evaluate(tmp_path / "run", stream=True, num_samples=5, iwae_particles=2,
-                        out_dir=tmp_path / "a")
-    loaded = evaluate(tmp_path / "run", num_samples=5, iwae_particles=2, out_dir=tmp_path / "b")
-    assert streamed["recon_mse"] == loaded["recon_mse"]
+    kwargs = {"num_samples": 5, "iwae_particles": 2}
+    streamed = evaluate(tmp_path / "run", stream=True, out_dir=tmp_path / "a", **kwargs)
+    loaded = evaluate(tmp_path / "run", out_dir=tmp_path / "b", **kwargs)
+    for key in ("n_sequences", "recon_mse", "physics_only_mse", "physics_only_variance_explained",
+                "predictive_coverage90", "predictive_coverage90_raw", "iwae_log_likelihood", "omega"):
+        assert streamed[key] == loaded[key], key
+    assert streamed["omega"]["calibrated"] and 0 <= streamed["omega"]["coverage90"] <= 1
+    assert (tmp_path / "a" / "reconstructions.png").stat().st_size > 0
+
+
+def test_series_summaries_in_chunks_keep_latents_and_the_figure_draws(tiny_data_dir, tmp_path):
+    from pyro_physvae.summaries import posterior_summaries
+
+    system = get_system("pendulum")
+    ds = system.load_split(tiny_data_dir, "test", lazy=True)
+    _train(tiny_data_dir, tmp_path / "run", epochs=1)
+    run = load_run(tmp_path / "run")
+    x = system.observations(ds)
+    n, t = x.shape
+    summary = posterior_summaries(run.model, run.guide, x, 7, chunk=3, keep_means=0, keep_draws=4,
+                                  channel_sums=True)
+    assert summary["omega"].shape == summary["z_A1"].shape[:2] == (7, n)
+    for key in ("mse", "mse_P", "predictive_coverage", "predictive_coverage_raw"):
+        assert summary[key].shape == (n,), key
+    assert summary["x_mean"].shape == (0, t)  # no posterior-mean curve is kept
+    assert set(summary["draws"]) == {"x", "x_mean", "x_P"}
+    assert all(v.shape == (7, 4, t) for v in summary["draws"].values())
+    # The figure's draws are those the rows' errors come from.
+    assert torch.allclose(summary["mse"][:4], (summary["draws"]["x_mean"].mean(0) - x[:4]).pow(2).mean(1))
+
+
+def test_row_summaries_by_hand():
+    """Nearest-rank 90% interval of 21 draws 0..20: [1, 19]; errors of the draws' mean."""
+    from pyro_physvae.summaries import row_summaries
+
+    replicates = torch.arange(21.0)[:, None, None].expand(21, 2, 4)
+    x = torch.tensor([[0.0, 1.0, 19.0, 20.0], [5.0, 5.0, 5.0, 5.0]])
+    draws = {"x": replicates, "x_mean": torch.full((21, 2, 4), 5.0), "x_P": torch.zeros(21, 2, 4)}
+    out = row_summaries(x, draws, channel_axes=())
+    assert out["predictive_coverage"].tolist() == [0.5, 1.0] == out["predictive_coverage_raw"].tolist()
+    assert out["mse"].tolist() == [(25 + 16 + 196 + 225) / 4, 0.0]
+    assert out["mse_P"].tolist() == [(1 + 361 + 400) / 4, 25.0]
+    assert out["resid_ml"].shape == out["resid_plugin"].shape == (2, 1)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (6, 3, 9), (5, 2, 3, 7)])
+def test_variance_explained_from_row_moments_is_the_direct_one(shape):
+    from pyro_physvae.evaluate import variance_explained
+    from pyro_physvae.summaries import row_summaries, variance_explained_from_moments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) + torch.arange(shape[-1]) * 0.3
+    curve = x + 0.4 * torch.randn(shape, generator=g)
+    draws = {"x": x[None], "x_mean": x[None], "x_P": curve[None]}
+    moments = row_summaries(x, draws, channel_axes=(), channel_sums=True)
+    assert variance_explained_from_moments(moments) == pytest.approx(variance_explained(x, curve), rel=1e-6)
 
 
 def test_every_split_of_the_tiny_data_opens_lazily(tiny_data_dir):
@@ -301,13 +353,13 @@ def test_freed_chunks_go_back_to_the_system():
 
 
 def test_image_summaries_keep_only_the_figure_images(galaxy_run):
-    """With ``keep_images``, the summaries hold the posterior-mean images of the first images
+    """With ``keep_means``, the summaries hold the posterior-mean images of the first images
     only, and per-image errors for all."""
-    from pyro_physvae.images import posterior_summaries
+    from pyro_physvae.summaries import posterior_summaries
 
     data, run_dir = galaxy_run
     run = load_run(run_dir)
     with LazyRows(data / "test.nc") as rows:
-        summary = posterior_summaries(run.model, run.guide, rows, 4, keep_images=3)
+        summary = posterior_summaries(run.model, run.guide, rows, 4, keep_means=3)
     assert summary["x_mean"].shape == (3, *rows.shape[1:])
     assert summary["mse"].shape == summary["predictive_coverage"].shape == (30,)
