@@ -320,6 +320,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import diagnose
 
     calibrate_on = None if args.calibrate_on == "none" else args.calibrate_on
+    if args.stream:
+        return_freed_memory()
     _check_run_inputs(args, tuple(dict.fromkeys(s for s in (args.split, calibrate_on) if s)),
                       f"diagnose-{args.split}")
     out = args.out or str(Path(args.run) / f"diagnose-{args.split}")
@@ -327,7 +329,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
                       iwae_particles=args.iwae_particles,
                       calibrate_on=calibrate_on,
                       out_dir=out, guide_steps=args.guide_steps, refine_steps=args.refine_steps,
-                      device=args.device)
+                      device=args.device, stream=args.stream,
+                      predictive_sequences=args.predictive_sequences)
     print(json.dumps(report, indent=2))
     print(f"written to {out}")
 
@@ -618,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guide_arguments(d)
     d.add_argument("--out", default=None, help="default: RUN/diagnose-SPLIT")
     d.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    d.add_argument("--stream", action="store_true",
+                   help="read the observations from their files in chunks (data larger than memory); "
+                   "the replicates and curves of the first --predictive-sequences are written")
+    d.add_argument("--predictive-sequences", type=_positive_int, default=None,
+                   help="sequences whose replicates and curves go into inference_data.nc (default: "
+                   "all; 1000 with --stream); the metrics, LOO and calibration cover all")
     d.set_defaults(func=cmd_diagnose)
 
     n = sub.add_parser("nuts", help="NUTS over a few sequences' latents (nets fixed), amortization gap")

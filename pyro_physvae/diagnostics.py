@@ -249,6 +249,12 @@ def draws_to_inference_data(
     """The InferenceData of :func:`to_inference_data` from draws of :func:`sample_posterior`
     (or of :func:`with_noise`).
 
+    The latents and ``log_likelihood`` cover the ``N`` rows; the replicates ``obs_site`` and
+    the ``curves`` may cover the first ``K <= N`` rows only, with ``x`` those ``K`` rows (a
+    streamed diagnosis of data larger than memory keeps every draw of the latents, not of
+    the curves). With ``K < N``, the curves go to the ``posterior_predictive`` group beside
+    the replicates, ``observed_data`` holds the ``K`` rows, and the groups' attributes say so.
+
     Args:
         chains: the ``S`` independent draws are split into this many chains of ``S / chains``
             draws (``S`` must be divisible by it), so that ArviZ's chain-based diagnostics
@@ -275,7 +281,13 @@ def draws_to_inference_data(
         data_dims = ["sequence", *_event_dims(obs_site, x.shape[1:])]
         coords = {}
     row_dim = data_dims[0]
-    coords.setdefault(row_dim, np.arange(x.shape[0]))
+    n_rows, n_shown = draws["log_likelihood"].shape[1], x.shape[0]
+    if n_shown > n_rows or draws[obs_site].shape[1] != n_shown:
+        raise ValueError(f"the replicates cover {draws[obs_site].shape[1]} rows and x {n_shown}: "
+                         f"both must be the first K of the {n_rows} rows of the latents")
+    partial = n_shown < n_rows
+    coords.setdefault(row_dim, np.arange(n_rows))
+    shown_coords = {**coords, row_dim: coords[row_dim][:n_shown]}
 
     def with_chains(value: Tensor) -> np.ndarray:
         value = value.detach().cpu().numpy()
@@ -290,7 +302,7 @@ def draws_to_inference_data(
             dims = ["chain", "draw", row_dim, *_event_dims(name, extra)]
         return xr.DataArray(value, dims=dims)
 
-    skip = (obs_site, f"{obs_site}_raw", "log_likelihood", "log_likelihood_raw")
+    skip = (obs_site, f"{obs_site}_raw", "log_likelihood", "log_likelihood_raw", *(curves if partial else ()))
     posterior = {k: as_array(k, v) for k, v in draws.items() if k not in skip}
     if "log_likelihood_raw" in draws:
         posterior["log_likelihood_raw"] = xr.DataArray(
@@ -303,7 +315,11 @@ def draws_to_inference_data(
         noted["noise_sigma"] = [float(v) for v in noise.sigma]
         noted["noise_channels"] = "; ".join(noise.channel_names)
         noted["noise_method"] = noise.method
-    predictive = _dataset({obs_site: as_array(obs_site, draws[obs_site])}, coords)
+    if partial:
+        noted["predictive_sequences"] = (f"the replicates, the curves and the observed data cover the "
+                                         f"first {n_shown} of the {n_rows} sequences")
+    shown = (obs_site, *(curves if partial else ()))
+    predictive = _dataset({k: as_array(k, draws[k]) for k in shown}, shown_coords)
     loglik = _dataset({obs_site: xr.DataArray(with_chains(draws["log_likelihood"]),
                                               dims=["chain", "draw", row_dim])}, coords)
     idata = az.InferenceData(
@@ -311,7 +327,8 @@ def draws_to_inference_data(
         posterior_predictive=predictive.assign_attrs(noted),
         log_likelihood=loglik.assign_attrs(noted),
         observed_data=xr.Dataset({obs_site: xr.DataArray(x.detach().cpu().numpy(), dims=data_dims)},
-                                 coords=coords),
+                                 coords=shown_coords).assign_attrs(
+            {k: v for k, v in noted.items() if k == "predictive_sequences"}),
     )
     if dataset is not None:
         const = dataset.drop_vars([obs_site], errors="ignore").reset_coords(drop=False)

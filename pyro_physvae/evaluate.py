@@ -43,7 +43,6 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     conformal_calibration,
     draws_to_inference_data,
     interval_widening,
-    iwae_log_likelihood,
     loo_report,
     markdown_table,
     plot_calibration,
@@ -51,7 +50,6 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     raw_loo_report,
     sample_posterior,
     split_chains,
-    with_noise,
 )
 from pyro_physvae.figures import (  # noqa: E402
     as_channels,
@@ -71,6 +69,7 @@ from pyro_physvae.report import (  # noqa: E402
 )
 from pyro_physvae.settings import Setting  # noqa: E402
 from pyro_physvae.summaries import (  # noqa: E402
+    LOG_LIKELIHOODS,
     PER_ROW,
     fit_calibration_in_chunks,
     posterior_summaries,
@@ -85,6 +84,11 @@ from pyro_physvae.validation import check_positive_int  # noqa: E402
 #: Sequences whose every draw is kept for the reconstruction figure of
 #: :func:`default_evaluator` (the figure shows at most 9).
 FIGURE_SEQUENCES = 9
+
+#: Sequences whose replicates and curves a streamed :func:`diagnose` writes by default (every
+#: draw of every sequence of a set larger than memory would make a file ``num_samples`` times
+#: the data's size).
+STREAMED_PREDICTIVE_SEQUENCES = 1000
 
 #: Factors of the physics parameter in :func:`counterfactual` by default.
 COUNTERFACTUAL_FACTORS = (0.2, 0.5, 1.0, 2.0, 3.0)
@@ -404,7 +408,7 @@ def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor | Laz
     if system.covariates:
         metrics["latent_correlations"] = latent_correlations(summary, ds, system.covariates,
                                                              tuple(model.latent_sites))
-    latents = {k: v for k, v in summary.items() if k not in PER_ROW and k != "draws"}
+    latents = {k: v for k, v in summary.items() if k not in (*PER_ROW, *LOG_LIKELIHOODS, "draws")}
     if system.extra_metrics is not None:
         metrics.update(system.extra_metrics(model, latents, ds))
     shown = summary["draws"]
@@ -422,7 +426,8 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
              num_samples: int = 200, iwae_particles: int = 100, calibrate_on: str | None = "valid",
              out_dir: str | Path | None = None, checkpoint: str = "best.pt", seed: int = 0,
              guide_steps: int = 1000, refine_steps: int = 0, chains: int = 4,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", stream: bool = False,
+             predictive_sequences: int | None = None) -> dict[str, Any]:
     """Posterior diagnostics of a run on a split, written to ``out_dir``
     (default ``run_dir/diagnose-<split>``):
 
@@ -454,38 +459,57 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     run's posterior is refined per sequence on each split for ``refine_steps`` steps if that
     is positive (see :func:`evaluate`). ``device``: where the model, the guide and the data
     live (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the draws go to the CPU for ArviZ and the files.
-    """
-    run = load_run(run_dir, checkpoint, device)
-    ds = run.load(split, data_dir)
-    x = run.system.observations(ds, device)
 
-    def guide_for(x: Tensor) -> Callable:
+    The posterior is drawn a chunk of sequences at a time
+    (:func:`~pyro_physvae.summaries.posterior_summaries`); every draw of the latents and of the
+    per-sequence log-likelihood is kept, and of the replicates and curves those of the first
+    ``predictive_sequences`` sequences (default: all; with ``stream``,
+    :data:`STREAMED_PREDICTIVE_SEQUENCES`). With fewer than all, the curves go to the
+    ``posterior_predictive`` group and ``observed_data`` holds those sequences (see
+    :func:`~pyro_physvae.diagnostics.draws_to_inference_data`); the metrics, LOO and the
+    calibration cover every sequence. ``stream``: read the observations from their files in
+    chunks, for data larger than memory (as :func:`evaluate` does).
+    """
+    check_positive_int(num_samples, "num_samples")
+    run = load_run(run_dir, checkpoint, device)
+    ds = run.load(split, data_dir, lazy=stream)
+    x = run.system.observations(ds, device)
+    n = x.shape[0]
+    if predictive_sequences is None:
+        predictive_sequences = min(n, STREAMED_PREDICTIVE_SEQUENCES) if stream else n
+    check_positive_int(predictive_sequences, "predictive_sequences")
+    shown = min(predictive_sequences, n)
+
+    def guide_for(x: Tensor | LazyRows) -> Callable:
         return run.guide_for(x, steps=guide_steps, seed=seed, refine_steps=refine_steps)
 
-    cal_split = calibration_split(run, split, calibrate_on, data_dir, guide_for, device)
+    cal_split = calibration_split(run, split, calibrate_on, data_dir, guide_for, device, lazy=stream)
     cal = fit_calibration(run, cal_split, num_samples, seed)
     guide = guide_for(x)
-    draws = with_noise(sample_posterior(run.model, guide, x, num_samples, seed=seed), x, cal.noise, seed=seed)
+    summary = posterior_summaries(run.model, guide, x, num_samples, seed=seed, noise=cal.noise, keep_means=0,
+                                  keep_draws=shown, channel_sums=True)
+    draws = {**{k: v for k, v in summary.items() if k not in PER_ROW and k != "draws"}, **summary["draws"]}
+    x_shown = x[:shown]
     physics = physics_names(run.model)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"diagnose-{split}"
     out.mkdir(parents=True, exist_ok=True)
 
-    idata = draws_to_inference_data(draws, x, dataset=ds, chains=split_chains(num_samples, chains),
+    idata = draws_to_inference_data(draws, x_shown, dataset=ds, chains=split_chains(num_samples, chains),
                                     noise=cal.noise)
     atomic_write(out / "inference_data.nc", idata.to_netcdf)
     if physics:
-        summary = az.summary(idata, var_names=list(physics), kind="stats", hdi_prob=INTERVAL)
-        summary.to_csv(out / "summary.csv")
-    iwae = iwae_log_likelihood(run.model, guide, x, iwae_particles, seed=seed)
+        summary_table = az.summary(idata, var_names=list(physics), kind="stats", hdi_prob=INTERVAL)
+        summary_table.to_csv(out / "summary.csv")
+    iwae = streamed_iwae(run.model, guide, x, iwae_particles, seed=seed)
     report: dict[str, Any] = {
         **_header(run, split, num_samples, run.applied_refine_steps(refine_steps)),
-        "guide": run.guide_kind, **compute_metrics(ds, x, draws, physics, cal),
-        "iwae_log_likelihood": iwae_summary(iwae),
+        "guide": run.guide_kind, **summary_metrics(ds, summary, physics, cal),
+        "iwae_log_likelihood": iwae_summary(iwae), "predictive_sequences": shown,
         "loo": loo_report(idata), "loo_raw": raw_loo_report(idata), **calibration_report(cal),
     }
     plot_pareto_k(idata, out / "pareto_k.png")
     report["calibration"] = _calibrate(run, draws, ds, physics, cal, out)
-    plot_reconstructions(run.system, ds, x, draws, out / "reconstructions.png")
+    plot_reconstructions(run.system, ds, x_shown, draws, out / "reconstructions.png")
     _plot_forest(idata, physics, ds, out / "posterior.png")
     az.plot_ppc(idata, num_pp_samples=min(50, num_samples), random_seed=seed)
     save_figure(plt.gcf(), out / "ppc.png")

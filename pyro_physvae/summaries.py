@@ -39,9 +39,11 @@ from pyro_physvae.report import INTERVAL, Calibration, CalibrationSplit, build_c
 #: pendulum (50 steps) at 100 draws that is 500 rows, for advection-diffusion (20 x 50) 25.
 NUMBERS_PER_PASS = 2_500_000
 
-#: The curves and per-draw sites of :func:`~pyro_physvae.diagnostics.sample_posterior` that
+#: The curves of :func:`~pyro_physvae.diagnostics.sample_posterior` that
 #: :func:`posterior_summaries` reduces per row instead of keeping.
-_CURVES = ("x", "x_raw", "x_mean", "x_P", "log_likelihood", "log_likelihood_raw")
+_CURVES = ("x", "x_raw", "x_mean", "x_P")
+#: The per-draw log-likelihoods of each row that :func:`posterior_summaries` keeps ``(S, N)``.
+LOG_LIKELIHOODS = ("log_likelihood", "log_likelihood_raw")
 
 #: Per-row entries of :func:`posterior_summaries` (the latents are ``(S, N, ...)``).
 PER_ROW = ("x_mean", "x_P", "mse", "mse_P", "predictive_coverage", "predictive_coverage_raw",
@@ -101,7 +103,8 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
     """Posterior summaries of the rows ``x (N, *event)``, ``chunk`` rows at a time (default
     :func:`rows_per_chunk`), so that memory is bounded by a chunk's draws plus what is kept:
 
-    * draws of every latent ``(S, N, ...)``;
+    * draws of every latent ``(S, N, ...)`` and of each row's log-likelihood ``(S, N)``
+      (:data:`LOG_LIKELIHOODS`: with the fitted ``noise`` where given, and the model's own);
     * the posterior means of the curves ``x_mean`` (and ``x_P`` where the model has it)
       ``(K, *event)`` of the first ``K = keep_means`` rows (``None``: all ``N``);
     * the per-row numbers of :func:`row_summaries`: per row ``(N,)`` the mean squared error

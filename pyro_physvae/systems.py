@@ -80,7 +80,9 @@ class System:
         plot_reconstructions: ``plot_reconstructions(ds, x, draws, path) -> path``, the
             reconstruction figure (default: each channel of the observation over time).
         extra_metrics: ``extra_metrics(model, draws, ds) -> dict`` added to the metrics
-            (e.g. the energy drift of a learnt Hamiltonian).
+            (e.g. the energy drift of a learnt Hamiltonian); ``draws`` holds the posterior
+            draws ``(S, N, ...)`` of every latent site (the evaluation streams over chunks of
+            sequences and keeps no draws of the curves).
         counterfactual_truth: ``counterfactual_truth(ds, name, factor) -> Tensor (N,
             *event)``: the noise-free truth of the data set's sequences with the physics
             parameter ``name`` multiplied by ``factor``, for ``physvae counterfactual``.

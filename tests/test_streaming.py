@@ -267,6 +267,45 @@ def test_streamed_series_evaluation_gives_the_in_memory_metrics(tiny_data_dir, t
     assert (tmp_path / "a" / "reconstructions.png").stat().st_size > 0
 
 
+def test_streamed_diagnose_keeps_all_latent_draws_and_the_first_sequences_replicates(tiny_data_dir,
+                                                                                    tmp_path):
+    import arviz as az
+
+    from pyro_physvae.evaluate import diagnose
+
+    _train(tiny_data_dir, tmp_path / "run", epochs=1)
+    kwargs = {"num_samples": 8, "iwae_particles": 2}
+    full = diagnose(tmp_path / "run", out_dir=tmp_path / "full", **kwargs)
+    streamed = diagnose(tmp_path / "run", out_dir=tmp_path / "streamed", stream=True,
+                        predictive_sequences=3, **kwargs)
+    n = full["n_sequences"]
+    assert full["predictive_sequences"] == n and streamed["predictive_sequences"] == 3
+    for key in ("recon_mse", "omega", "iwae_log_likelihood", "loo", "predictive_coverage90"):
+        assert streamed[key] == full[key], key  # the same draws: only what is written differs
+    whole = az.from_netcdf(tmp_path / "full" / "inference_data.nc")
+    part = az.from_netcdf(tmp_path / "streamed" / "inference_data.nc")
+    assert whole.posterior["x_mean"].sizes["sequence"] == n
+    assert whole.posterior_predictive["x"].sizes["sequence"] == n
+    assert whole.observed_data["x"].sizes["sequence"] == n
+    assert part.posterior["omega"].sizes["sequence"] == part.log_likelihood["x"].sizes["sequence"] == n
+    assert "x_mean" not in part.posterior
+    for name in ("x", "x_mean", "x_P"):
+        assert part.posterior_predictive[name].sizes["sequence"] == 3, name
+    assert part.observed_data["x"].sizes["sequence"] == 3
+    assert "first 3 of the" in part.posterior_predictive.attrs["predictive_sequences"]
+    assert np.isfinite(az.loo(part).elpd_loo)
+
+
+def test_diagnose_cli_streams_and_refuses_no_predictive_sequences(tiny_data_dir, tmp_path, capsys):
+    _train(tiny_data_dir, tmp_path / "run", epochs=1)
+    main(["diagnose", str(tmp_path / "run"), "--stream", "--samples", "4", "--iwae-particles", "2",
+          "--predictive-sequences", "2"])
+    assert '"predictive_sequences": 2' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["diagnose", str(tmp_path / "run"), "--predictive-sequences", "0"])
+    assert "--predictive-sequences" in capsys.readouterr().err
+
+
 def test_series_summaries_in_chunks_keep_latents_and_the_figure_draws(tiny_data_dir, tmp_path):
     from pyro_physvae.summaries import posterior_summaries
 
