@@ -25,14 +25,8 @@ import torch
 from pyro_physvae.data.galaxy import GalaxyDataConfig, generate
 from pyro_physvae.data.io import save_dataset
 from pyro_physvae.evaluate import load_run
-from pyro_physvae.images import (
-    angle_metrics,
-    mean_latents,
-    plot_image_grid,
-    posterior_summaries,
-    rotation_check,
-    traversal,
-)
+from pyro_physvae.images import angle_metrics, mean_latents, plot_image_grid, rotation_check, traversal
+from pyro_physvae.summaries import posterior_summaries
 from pyro_physvae.train import TrainConfig, train
 
 #: Small networks for quick checks (--small).

@@ -17,8 +17,8 @@ import torch
 
 from pyro_physvae.data.io import load_split
 from pyro_physvae.evaluate import load_run
-from pyro_physvae.images import posterior_summaries
 from pyro_physvae.settings import SETTINGS
+from pyro_physvae.summaries import posterior_summaries
 
 HERE = Path(__file__).parent
 
