@@ -17,7 +17,6 @@ are compared modulo that period: an ellipse at ``theta`` is the same at ``theta 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,30 +32,19 @@ import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from pyro_physvae.autoguides import supports_subsampling  # noqa: E402
 from pyro_physvae.data.galaxy import pixel_grid, rotate_images  # noqa: E402
-from pyro_physvae.data.lazy import LazyRows  # noqa: E402
-from pyro_physvae.diagnostics import (  # noqa: E402
-    NoiseEstimate,
-    iwae_log_likelihood,
-    noise_channel_axes,
-    noise_from_moments,
-    residual_moments,
-    sample_posterior,
-    with_noise,
-)
 from pyro_physvae.figures import plot_parameter, save_figure  # noqa: E402
 from pyro_physvae.regularizers import wrapped_error  # noqa: E402
 from pyro_physvae.report import (  # noqa: E402
     INTERVAL,
     Calibration,
     CalibrationSplit,
-    build_calibration,
     interval_metrics,
     iwae_summary,
     parameter_metrics,
     write_json,
 )
+from pyro_physvae.summaries import fit_calibration_in_chunks, posterior_summaries, streamed_iwae  # noqa: E402
 
 #: Images decoded at once (images per chunk x draws), which bounds the memory of a pass: at
 #: 69 x 69, 25 images x 10 draws raised the peak of a streamed evaluation by 0.25 GB more
@@ -137,108 +125,6 @@ def parameter_summary(samples: Tensor, truth: np.ndarray, period: float | None,
     out = parameter_metrics(samples, truth, calibration=calibration, name=name, seq=seq)
     out["median_abs_error"] = float(np.median(np.abs(samples.mean(0).cpu().numpy() - truth)))
     return out
-
-
-# -- streamed posterior summaries ---------------------------------------------------------------
-def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, num_samples: int, *,
-                        seed: int = 0, chunk: int | None = None, noise: NoiseEstimate | None = None,
-                        keep_images: int | None = None) -> dict[str, Tensor]:
-    """Posterior summaries of the images ``x (N, *event)``, a tensor or
-    :class:`~pyro_physvae.data.lazy.LazyRows` (read from the file a chunk at a time),
-    computed ``chunk`` images at a time (default :func:`images_per_chunk`), so that memory is
-    bounded by a chunk's draws plus what is kept per image:
-
-    * draws of every latent ``(S, N, ...)``;
-    * the posterior-mean images ``x_mean`` (and ``x_P`` where the model has it)
-      ``(K, *event)`` of the first ``K = keep_images`` images (``None``: all ``N``);
-    * per image ``(N,)``: the mean squared error of those means (``mse``, ``mse_P``), and the
-      fraction of pixels inside the central 90% posterior-predictive interval
-      (``predictive_coverage``: with the fitted ``noise`` where given, see
-      :func:`~pyro_physvae.diagnostics.with_noise`; ``predictive_coverage_raw``: with the
-      model's own);
-    * per image and band ``(N, C)`` (channels as
-      :func:`~pyro_physvae.diagnostics.noise_channel_axes` has them,
-      :func:`~pyro_physvae.diagnostics.residual_moments`): the mean squared residual of the
-      draws ``resid_ml`` and of their mean ``resid_plugin``.
-    """
-    parts: list[dict[str, Tensor]] = []
-    kept = x.shape[0] if keep_images is None else keep_images
-    chunk = chunk or images_per_chunk(num_samples)
-    k_lo, k_hi = round((1 - INTERVAL) / 2 * (num_samples - 1)), round((1 + INTERVAL) / 2 * (num_samples - 1))
-    axes = noise_channel_axes(x.shape[1:], getattr(model, "observation_dims", None))
-
-    def coverage(xb: Tensor, replicates: Tensor) -> Tensor:
-        ranked = replicates.sort(0).values  # nearest-rank quantiles over the draws
-        return ((xb >= ranked[k_lo]) & (xb <= ranked[k_hi])).flatten(1).float().mean(1)
-
-    n = x.shape[0]
-    if not supports_subsampling(guide):
-        chunk = n  # its latents are drawn for all the rows at once
-    for i, start in enumerate(range(0, n, chunk)):
-        xb = x[start:start + chunk]
-        # The chunk's rows of the N: a guide fitted to all N rows (a refined one) draws theirs.
-        rows = {"size": n, "subsample": torch.arange(start, start + xb.shape[0], device=xb.device)}
-        draws = sample_posterior(model, guide, xb, num_samples, batch_size=None, seed=seed + i, **rows)
-        part = {k: v for k, v in draws.items() if k not in ("x", "x_mean", "x_P", "log_likelihood")}
-        means = {key: draws[key].mean(0) for key in ("x_mean", "x_P") if key in draws}
-        for key, mean in means.items():
-            part["mse" if key == "x_mean" else "mse_P"] = (mean - xb).pow(2).flatten(1).mean(1)
-            # A copy: a slice, even an empty one, would keep the whole chunk's images alive.
-            part[key] = mean[:max(0, kept - start)].clone()
-        part["resid_ml"] = residual_moments(xb, draws["x_mean"], axes)
-        part["resid_plugin"] = residual_moments(xb, means["x_mean"], axes)
-        part["predictive_coverage_raw"] = coverage(xb, draws["x"])
-        if noise is not None:
-            draws = with_noise(draws, xb, noise, seed=seed + i)
-        part["predictive_coverage"] = coverage(xb, draws["x"])
-        parts.append(part)
-    per_image = ("x_mean", "x_P", "mse", "mse_P", "predictive_coverage", "predictive_coverage_raw",
-                 "resid_ml", "resid_plugin")
-    # per_image entries are (N, ...); the latents are (S, N, ...)
-    return {k: torch.cat([p[k] for p in parts], dim=0 if k in per_image else 1) for k in parts[0]}
-
-
-def streamed_iwae(model: Callable, guide: Callable, x: Tensor | LazyRows, num_particles: int, *,
-                  seed: int = 0, chunk: int | None = None) -> Tensor:
-    """:func:`~pyro_physvae.diagnostics.iwae_log_likelihood` of each image ``(N,)``, ``chunk``
-    images at a time (default :func:`images_per_chunk`; ``x`` a tensor or
-    :class:`~pyro_physvae.data.lazy.LazyRows`)."""
-    n = x.shape[0]
-    chunk = chunk or images_per_chunk(num_particles)
-    if not supports_subsampling(guide):
-        chunk = n
-    return torch.cat([
-        iwae_log_likelihood(model, guide, x[start:start + chunk], num_particles, batch_size=None,
-                            seed=seed + i, size=n,
-                            subsample=torch.arange(start, min(start + chunk, n), device=x.device))
-        for i, start in enumerate(range(0, n, chunk))])
-
-
-def fit_image_calibration(run: Any, cal: CalibrationSplit, num_samples: int, seed: int = 0) -> Calibration:
-    """:func:`pyro_physvae.evaluate.fit_calibration` for images, streamed: the noise per
-    band and the physics parameters' interval recalibrations (angles modulo their period)
-    fitted on the calibration split ``cal``, and the wall time it took."""
-    if cal.dataset is None:
-        return Calibration(None, notes=[cal.reason or "not calibrated"])
-    start = time.perf_counter()
-    model, x = run.model, cal.x
-    summary = posterior_summaries(model, cal.guide(), x, num_samples, seed=seed + 1000, keep_images=0)
-    dims = getattr(model, "observation_dims", None)
-    axes = noise_channel_axes(x.shape[1:], dims)
-    sigma_model = float(model.noise_scale())
-    noise = noise_from_moments(summary["resid_ml"], summary["resid_plugin"],
-                               event_shape=x.shape[1:], channel_axes=axes, observation_dims=dims,
-                               sigma_model=sigma_model, split=cal.name)
-    names = [p.name for p in model.physics_parameters]
-    result = build_calibration(
-        cal.name, noise, {n: summary[n] for n in names if n in summary},
-        {n: cal.dataset[n].values for n in names if n in cal.dataset},
-        periods={p.name: getattr(p, "period", None) for p in model.physics_parameters},
-        seq=summary["mse"].sqrt() / sigma_model,
-        missing=tuple(n for n in names if n not in cal.dataset))
-    result.seq_scale_model = sigma_model
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 # -- decoding helpers -----------------------------------------------------------------------------
@@ -475,13 +361,14 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
     ``<parameter>.png`` to ``out`` and returns the metrics. ``refine_steps`` is recorded in
     the metrics: the per-sequence refinement steps already given to ``guide``.
     ``calibration``: the split to fit the noise per band and the parameters' interval
-    recalibrations on (:func:`fit_image_calibration`; as
+    recalibrations on (:func:`~pyro_physvae.summaries.fit_calibration_in_chunks`; as
     :func:`pyro_physvae.evaluate.evaluate` does for series); ``None``: raw only."""
     model = run.model
-    cal = fit_image_calibration(run, calibration or CalibrationSplit(None, reason="not calibrated"),
-                                num_samples, seed)
+    chunk = images_per_chunk(num_samples)
+    cal = fit_calibration_in_chunks(model, calibration or CalibrationSplit(None, reason="not calibrated"),
+                                    num_samples, seed=seed, chunk=chunk)
     summary = posterior_summaries(model, guide, x, num_samples, seed=seed, noise=cal.noise,
-                                  keep_images=FIGURE_IMAGES)
+                                  keep_means=FIGURE_IMAGES, chunk=chunk)
     metrics: dict[str, Any] = {
         "system": run.system.name, "setting": run.setting.value, "split": split,
         "checkpoint_epoch": run.checkpoint["epoch"], "num_samples": num_samples,
@@ -499,7 +386,7 @@ def evaluate_images(run: Any, guide: Callable, ds: xr.Dataset, x: Tensor, out: P
                                                 calibration=cal, name=p.name, seq=seq)
     metrics["calibration_fit"] = cal.to_dict()
     metrics["notes"] = " ".join(cal.notes)
-    iwae = streamed_iwae(model, guide, x, iwae_particles, seed=seed)
+    iwae = streamed_iwae(model, guide, x, iwae_particles, seed=seed, chunk=images_per_chunk(iwae_particles))
     metrics["iwae_log_likelihood"] = iwae_summary(iwae)
     out.mkdir(parents=True, exist_ok=True)
     plot_image_reconstructions(ds, x, summary, out / "reconstructions.png")
