@@ -73,7 +73,6 @@ from pyro_physvae.summaries import (  # noqa: E402
     PER_ROW,
     fit_calibration_in_chunks,
     posterior_summaries,
-    row_summaries,
     streamed_iwae,
     variance_explained_from_moments,
 )
@@ -163,16 +162,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt", device: str | tor
     load_module_state(model, state["model_state"], f"{run_dir / checkpoint} model_state")
     model.to(device).eval()
     return Run(system, setting, model, guide, state, run_dir, kind)
-
-
-def compute_metrics(ds: xr.Dataset, x: Tensor, draws: dict[str, Tensor],
-                    physics: tuple[str, ...], calibration: Calibration | None = None) -> dict[str, Any]:
-    """:func:`summary_metrics` of draws of all the rows at once: ``draws`` as
-    :func:`~pyro_physvae.diagnostics.with_noise` leaves them (``x``, ``x_mean``, optionally
-    ``x_P`` and ``x_raw``, each ``(S, N, *event)``, and the physics parameters ``(S, N)``)
-    for the observations ``x (N, *event)`` of ``ds``."""
-    summary = {**draws, **row_summaries(x, draws, channel_axes=(), channel_sums=True)}
-    return summary_metrics(ds, summary, physics, calibration)
 
 
 def summary_metrics(ds: xr.Dataset, summary: Mapping[str, Tensor], physics: tuple[str, ...],
