@@ -535,6 +535,11 @@ def with_noise(draws: dict[str, Tensor], x: Tensor, noise: NoiseEstimate | None,
     return out
 
 
+#: Relative efficiency of independent posterior draws (those of a guide, split into chains
+#: only for ArviZ's shape checks): their effective sample size is their number.
+INDEPENDENT_DRAWS_REFF = 1.0
+
+
 def split_chains(n_draws: int, chains: int = 4, min_draws: int = 4) -> int:
     """The most chains, up to ``chains``, into which ``n_draws`` independent draws split
     evenly with at least ``min_draws`` draws each (ArviZ's shape validation for R-hat and
@@ -545,8 +550,14 @@ def split_chains(n_draws: int, chains: int = 4, min_draws: int = 4) -> int:
     return 1
 
 
-def loo_report(idata: az.InferenceData, var_name: str | None = None) -> dict[str, float]:
+def loo_report(idata: az.InferenceData, var_name: str | None = None,
+               reff: float | None = INDEPENDENT_DRAWS_REFF) -> dict[str, float]:
     """PSIS-LOO and WAIC of an InferenceData's pointwise (per-sequence) log-likelihood.
+
+    ``reff``: the relative efficiency of the draws, 1 for the independent draws of a guide
+    (the default, :data:`INDEPENDENT_DRAWS_REFF`); ``None`` lets ArviZ estimate it from the
+    chains, as MCMC draws need (one effective sample size per sequence: minutes for
+    thousands of sequences).
 
     Returns ``elpd_loo`` with its standard error ``se_loo`` and ``p_loo``; the shares of
     sequences whose Pareto shape ``k`` exceeds 0.7 (``pareto_k_gt_0.7``: the importance
@@ -559,7 +570,7 @@ def loo_report(idata: az.InferenceData, var_name: str | None = None) -> dict[str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        loo = az.loo(idata, pointwise=True, var_name=var_name)
+        loo = az.loo(idata, pointwise=True, var_name=var_name, reff=reff)
         waic = az.waic(idata, var_name=var_name)
     k = np.asarray(loo.pareto_k)
     return {"elpd_loo": float(loo.elpd_loo), "se_loo": float(loo.se), "p_loo": float(loo.p_loo),
@@ -579,15 +590,16 @@ def raw_loo_report(idata: az.InferenceData) -> dict[str, float] | None:
     return loo_report(raw)
 
 
-def plot_pareto_k(idata: az.InferenceData, path, title: str = "") -> None:
+def plot_pareto_k(idata: az.InferenceData, path, title: str = "",
+                  reff: float | None = INDEPENDENT_DRAWS_REFF) -> None:
     """The Pareto shape ``k`` of each sequence's PSIS-LOO weights (``az.plot_khat``), with
-    the 0.7 and 1 thresholds."""
+    the 0.7 and 1 thresholds; ``reff`` as in :func:`loo_report`."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        loo = az.loo(idata, pointwise=True)
+        loo = az.loo(idata, pointwise=True, reff=reff)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     az.plot_khat(loo, ax=ax, show_hlines=True, hlines_kwargs={"hlines": [0.7, 1.0], "color": "C3"})
     ax.set_xlabel("sequence (index in the split)")
