@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -69,6 +70,20 @@ def parameter_rows(metrics: dict) -> dict[str, dict]:
             for name, m in metrics.items() if isinstance(m, dict) and "mae" in m and "coverage90" in m}
 
 
+def earlier_evaluation(run: Path, system: str) -> dict | None:
+    """The metrics of an earlier evaluation of the run's best checkpoint with the same
+    settings (``run/eval-test/metrics.json``), so that summarising seeds trained in separate
+    processes does not evaluate them again; ``None`` if there is none."""
+    path = run / "eval-test" / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    same = (m.get("checkpoint_epoch") == load_checkpoint(run / "best.pt")["epoch"]
+            and m.get("num_samples") == EVAL[system]["num_samples"] and m.get("refine_steps") == 0
+            and os.path.getmtime(path) > os.path.getmtime(run / "best.pt"))
+    return m if same else None
+
+
 def train_and_evaluate(system: str, seed: int, data: str, out: str, epochs: int) -> dict:
     """Train one seed (or resume it), evaluate its best checkpoint; the seed's row."""
     run_dir = Path(out) / f"seed{seed}"
@@ -79,7 +94,8 @@ def train_and_evaluate(system: str, seed: int, data: str, out: str, epochs: int)
     train_s = time.perf_counter() - t0
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    m = evaluate(run_dir / SETTING, data, split="test", **EVAL[system])
+    m = earlier_evaluation(run_dir / SETTING, system) or evaluate(run_dir / SETTING, data, split="test",
+                                                                  **EVAL[system])
     history = load_checkpoint(run_dir / SETTING / "last.pt")["history"]
     return {"seed": seed, "best_epoch": m["checkpoint_epoch"], "recon_mse": m["recon_mse"],
             "iwae_log_likelihood": m["iwae_log_likelihood"]["mean"],
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     summary = spread(rows)
     meta = {"date": date.today().isoformat(), "machine": platform.platform(),
-            "cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
+            "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "torch": torch.__version__, "system": args.system, "setting": SETTING, "epochs": epochs,
             "seeds": args.seeds, "jobs": args.jobs, "data": str(data), **EVAL[args.system]}
     results = HERE / args.system / "results"

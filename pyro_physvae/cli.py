@@ -304,8 +304,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import evaluate, evaluation_folder
 
     calibrate_on = None if args.calibrate_on == "none" else args.calibrate_on
-    if args.stream:
-        return_freed_memory()
+    return_freed_memory()  # each chunk's draws go back to the system: 0.8 GB instead of 2.7 for 8000 fields
     _check_run_inputs(args, tuple(dict.fromkeys(s for s in (args.split, calibrate_on) if s)),
                       evaluation_folder(args.split, args.checkpoint))
     metrics = evaluate(args.run, args.data, split=args.split,
@@ -320,8 +319,7 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     from pyro_physvae.evaluate import diagnose
 
     calibrate_on = None if args.calibrate_on == "none" else args.calibrate_on
-    if args.stream:
-        return_freed_memory()
+    return_freed_memory()
     _check_run_inputs(args, tuple(dict.fromkeys(s for s in (args.split, calibrate_on) if s)),
                       f"diagnose-{args.split}")
     out = args.out or str(Path(args.run) / f"diagnose-{args.split}")

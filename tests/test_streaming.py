@@ -402,3 +402,19 @@ def test_image_summaries_keep_only_the_figure_images(galaxy_run):
         summary = posterior_summaries(run.model, run.guide, rows, 4, keep_means=3)
     assert summary["x_mean"].shape == (3, *rows.shape[1:])
     assert summary["mse"].shape == summary["predictive_coverage"].shape == (30,)
+
+
+def test_evaluate_and_diagnose_hand_freed_chunks_back_without_stream(tiny_data_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Chunked summaries free a chunk's draws after each chunk; the CLI has glibc return them
+    (evaluating 8000 fields peaked at 2.7 GB without, 0.8 GB with) also when not streaming."""
+    import pyro_physvae.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "return_freed_memory", lambda: calls.append(1) or True)
+    _train(tiny_data_dir, tmp_path / "run", epochs=1)
+    for command in ("evaluate", "diagnose"):
+        main([command, str(tmp_path / "run"), "--samples", "4", "--iwae-particles", "1"])
+        assert len(calls) == 1, command
+        calls.clear()
+    capsys.readouterr()
