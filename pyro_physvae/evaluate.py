@@ -388,7 +388,7 @@ def default_evaluator(run: Run, guide: Callable, ds: xr.Dataset, x: Tensor | Laz
     cal = fit_calibration(run, calibration or CalibrationSplit(None, reason="not calibrated"),
                           num_samples, seed)
     summary = posterior_summaries(model, guide, x, num_samples, seed=seed, noise=cal.noise, keep_means=0,
-                                  keep_draws=FIGURE_SEQUENCES, channel_sums=True)
+                                  keep_draws=FIGURE_SEQUENCES, channel_moments=True)
     physics = physics_names(model)
     iwae = streamed_iwae(model, guide, x, iwae_particles, seed=seed)
     metrics = {**_header(run, split, num_samples, refine_steps),
@@ -476,7 +476,7 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
     cal = fit_calibration(run, cal_split, num_samples, seed)
     guide = guide_for(x)
     summary = posterior_summaries(run.model, guide, x, num_samples, seed=seed, noise=cal.noise, keep_means=0,
-                                  keep_draws=shown, channel_sums=True)
+                                  keep_draws=shown, channel_moments=True)
     draws = {**{k: v for k, v in summary.items() if k not in PER_ROW and k != "draws"}, **summary["draws"]}
     x_shown = x[:shown]
     physics = physics_names(run.model)

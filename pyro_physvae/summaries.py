@@ -57,7 +57,7 @@ def rows_per_chunk(draws: int, event_numel: int, budget: int = NUMBERS_PER_PASS)
 
 
 def row_summaries(x: Tensor, draws: Mapping[str, Tensor], *, channel_axes: tuple[int, ...],
-                  channel_sums: bool = False) -> dict[str, Tensor]:
+                  channel_moments: bool = False) -> dict[str, Tensor]:
     """The per-row numbers of :func:`posterior_summaries` from one chunk's draws.
 
     Args:
@@ -66,7 +66,7 @@ def row_summaries(x: Tensor, draws: Mapping[str, Tensor], *, channel_axes: tuple
             replicates, where ``x`` carries a fitted noise), each ``(S, n, *event)``.
         channel_axes: event axes of the noise channels
             (:func:`~pyro_physvae.diagnostics.noise_channel_axes`).
-        channel_sums: add the per-channel moments for the variance explained by ``x_P``.
+        channel_moments: add the per-channel moments for the variance explained by ``x_P``.
 
     Returns:
         ``mse``, ``mse_P``, ``predictive_coverage``, ``predictive_coverage_raw`` ``(n,)`` and
@@ -88,7 +88,7 @@ def row_summaries(x: Tensor, draws: Mapping[str, Tensor], *, channel_axes: tuple
     if "x_P" in draws:
         phys = draws["x_P"].mean(0)
         out["mse_P"] = (phys - x).pow(2).flatten(1).mean(1)
-        if channel_sums:
+        if channel_moments:
             xd, series = x.double(), tuple(range(x.dim() - 2))  # channels: all but the time axis
             out["mean_x"] = _pooled_means(xd, series)
             out["mean_x2"] = _pooled_means(xd.pow(2), series)
@@ -99,7 +99,7 @@ def row_summaries(x: Tensor, draws: Mapping[str, Tensor], *, channel_axes: tuple
 def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, num_samples: int, *,
                         seed: int = 0, chunk: int | None = None, noise: NoiseEstimate | None = None,
                         keep_means: int | None = None, keep_draws: int = 0,
-                        channel_sums: bool = False) -> dict[str, Any]:
+                        channel_moments: bool = False) -> dict[str, Any]:
     """Posterior summaries of the rows ``x (N, *event)``, ``chunk`` rows at a time (default
     :func:`rows_per_chunk`), so that memory is bounded by a chunk's draws plus what is kept:
 
@@ -113,7 +113,7 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
       where given, see :func:`~pyro_physvae.diagnostics.with_noise`;
       ``predictive_coverage_raw``: with the model's own); per row and channel ``(N, C)``
       the mean squared residual of the draws ``resid_ml`` and of their mean
-      ``resid_plugin``; with ``channel_sums``, the moments that
+      ``resid_plugin``; with ``channel_moments``, the moments that
       :func:`variance_explained_from_moments` reduces;
     * ``"draws"``: every draw ``(S, R, *event)`` of ``x`` (replicates, with the fitted noise
       where given; then ``x_raw`` too), ``x_mean`` and ``x_P`` of the first
@@ -134,7 +134,7 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
         draws = with_noise(sample_posterior(model, guide, xb, num_samples, batch_size=None, seed=seed + i,
                                             **rows), xb, noise, seed=seed + i)
         part = {k: v for k, v in draws.items() if k not in _CURVES}
-        part.update(row_summaries(xb, draws, channel_axes=axes, channel_sums=channel_sums))
+        part.update(row_summaries(xb, draws, channel_axes=axes, channel_moments=channel_moments))
         for key in ("x_mean", "x_P"):
             if key in draws:  # a mean is a new tensor: the chunk's draws are not kept alive
                 part[key] = draws[key][:, :max(0, kept - start)].mean(0)
@@ -161,7 +161,7 @@ def variance_explained_from_moments(summary: Mapping[str, Tensor]) -> float:
     """``1 - sum (x - x_P)^2 / sum (x - mean)^2`` over all elements, the mean taken per
     channel over rows and time (as :func:`pyro_physvae.evaluate.variance_explained`), from
     the per-row moments ``mean_x``, ``mean_x2``, ``mse_P_channel`` of
-    :func:`posterior_summaries` (``channel_sums=True``)."""
+    :func:`posterior_summaries` (``channel_moments=True``)."""
     m1, m2 = summary["mean_x"], summary["mean_x2"]
     centred = (m2.mean(0) - m1.mean(0).pow(2)).sum()  # per element of a row, summed over channels
     return float(1.0 - summary["mse_P_channel"].mean(0).sum() / centred)

@@ -316,7 +316,7 @@ def test_series_summaries_in_chunks_keep_latents_and_the_figure_draws(tiny_data_
     x = system.observations(ds)
     n, t = x.shape
     summary = posterior_summaries(run.model, run.guide, x, 7, chunk=3, keep_means=0, keep_draws=4,
-                                  channel_sums=True)
+                                  channel_moments=True)
     assert summary["omega"].shape == summary["z_A1"].shape[:2] == (7, n)
     for key in ("mse", "mse_P", "predictive_coverage", "predictive_coverage_raw"):
         assert summary[key].shape == (n,), key
@@ -350,7 +350,7 @@ def test_variance_explained_from_row_moments_is_the_direct_one(shape):
     x = torch.randn(shape, generator=g) + torch.arange(shape[-1]) * 0.3
     curve = x + 0.4 * torch.randn(shape, generator=g)
     draws = {"x": x[None], "x_mean": x[None], "x_P": curve[None]}
-    moments = row_summaries(x, draws, channel_axes=(), channel_sums=True)
+    moments = row_summaries(x, draws, channel_axes=(), channel_moments=True)
     assert variance_explained_from_moments(moments) == pytest.approx(variance_explained(x, curve), rel=1e-6)
 
 
