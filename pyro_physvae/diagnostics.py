@@ -448,11 +448,16 @@ def residual_moments(x: Tensor, x_mean: Tensor, channel_axes: Sequence[int]) -> 
     sq = (x - x_mean).pow(2)
     if x_mean.dim() == x.dim() + 1:
         sq = sq.mean(0)
-    rank = x.dim() - 1
-    pooled = [1 + a for a in range(rank) if a not in channel_axes]
+    return pooled_means(sq, channel_axes)
+
+
+def pooled_means(values: Tensor, channel_axes: Sequence[int]) -> Tensor:
+    """Per row and channel ``(N, C)``, the mean of ``values (N, *event)`` over the event axes
+    that are not ``channel_axes`` (the channels flattened in order)."""
     keep = [1 + a for a in channel_axes]
-    sq = sq.permute(0, *keep, *pooled)
-    return sq.reshape(sq.shape[0], max(1, int(np.prod([x.shape[k] for k in keep]))), -1).mean(-1)
+    pooled = [1 + a for a in range(values.dim() - 1) if a not in channel_axes]
+    v = values.permute(0, *keep, *pooled)
+    return v.reshape(v.shape[0], max(1, int(np.prod([values.shape[k] for k in keep]))), -1).mean(-1)
 
 
 def noise_from_moments(ml: Tensor, plugin: Tensor, *, event_shape: Sequence[int],

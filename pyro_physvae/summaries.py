@@ -29,6 +29,7 @@ from pyro_physvae.diagnostics import (
     iwae_log_likelihood,
     noise_channel_axes,
     noise_from_moments,
+    pooled_means,
     residual_moments,
     sample_posterior,
     with_noise,
@@ -90,9 +91,9 @@ def row_summaries(x: Tensor, draws: Mapping[str, Tensor], *, channel_axes: tuple
         out["mse_P"] = (phys - x).pow(2).flatten(1).mean(1)
         if channel_moments:
             xd, series = x.double(), tuple(range(x.dim() - 2))  # channels: all but the time axis
-            out["mean_x"] = _pooled_means(xd, series)
-            out["mean_x2"] = _pooled_means(xd.pow(2), series)
-            out["mse_P_channel"] = _pooled_means((xd - phys.double()).pow(2), series)
+            out["mean_x"] = pooled_means(xd, series)
+            out["mean_x2"] = pooled_means(xd.pow(2), series)
+            out["mse_P_channel"] = pooled_means((xd - phys.double()).pow(2), series)
     return out
 
 
@@ -147,14 +148,6 @@ def posterior_summaries(model: Callable, guide: Callable, x: Tensor | LazyRows, 
                            for k in parts[0]}
     out["draws"] = {k: torch.cat(v, dim=1) for k, v in first.items()}
     return out
-
-
-def _pooled_means(values: Tensor, channel_axes: tuple[int, ...]) -> Tensor:
-    """Per row and channel ``(N, C)``, the mean of ``values (N, *event)`` over the other axes."""
-    keep = [1 + a for a in channel_axes]
-    pooled = [1 + a for a in range(values.dim() - 1) if a not in channel_axes]
-    v = values.permute(0, *keep, *pooled)
-    return v.reshape(v.shape[0], max(1, int(np.prod([values.shape[k] for k in keep]))), -1).mean(-1)
 
 
 def variance_explained_from_moments(summary: Mapping[str, Tensor]) -> float:
