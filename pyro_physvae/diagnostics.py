@@ -561,8 +561,8 @@ def loo_report(idata: az.InferenceData, var_name: str | None = None,
 
     ``reff``: the relative efficiency of the draws, 1 for the independent draws of a guide
     (the default, :data:`INDEPENDENT_DRAWS_REFF`); ``None`` lets ArviZ estimate it from the
-    chains, as MCMC draws need (one effective sample size per sequence: minutes for
-    thousands of sequences).
+    chains, as MCMC draws need (ArviZ then computes an effective sample size for every
+    element of the posterior group: minutes for a thousand fields with their curves).
 
     Returns ``elpd_loo`` with its standard error ``se_loo`` and ``p_loo``; the shares of
     sequences whose Pareto shape ``k`` exceeds 0.7 (``pareto_k_gt_0.7``: the importance
