@@ -1,6 +1,7 @@
 """Spread over training seeds: phys+nn+reg trained with several seeds on the same data.
 
     python benchmarks/seeds.py --system advdif [--seeds 0 1 2 3 4] [--epochs E] [--jobs 2]
+                               [--lr-schedule cosine]
 
 For each seed, trains phys+nn+reg on the system's benchmark data (generated once with data
 seed 0, the data of ``benchmarks/<system>/run.py``; the training seed alone changes), at the
@@ -10,7 +11,8 @@ intervals, fitted on the validation split). Finished runs are kept and partial o
 the command can be run again after an interruption. Seeds train ``--jobs`` at a time, one
 torch thread each.
 
-Writes ``benchmarks/<system>/results/seeds.{json,md}``: per seed the test reconstruction MSE,
+Writes ``benchmarks/<system>/results/seeds.{json,md}`` (``seeds_cosine.{json,md}`` with
+``--lr-schedule cosine``, whose runs go to ``out_seeds_cosine``): per seed the test reconstruction MSE,
 each physics parameter's MAE, correlation, calibrated and raw 90% coverage, and the IWAE
 log-likelihood; then the mean, median and worst over the seeds (worst: the largest error, the
 smallest correlation, the coverage furthest from 0.9).
@@ -41,6 +43,7 @@ from train_all import ensure_data, train_one  # noqa: E402
 
 from pyro_physvae.checkpoint import load_checkpoint  # noqa: E402
 from pyro_physvae.evaluate import evaluate  # noqa: E402
+from pyro_physvae.train import LR_SCHEDULES  # noqa: E402
 
 SETTING = "phys+nn+reg"
 BUDGET = {"pendulum": 5000, "advdif": 2000, "galaxy": 175}
@@ -84,11 +87,12 @@ def earlier_evaluation(run: Path, system: str) -> dict | None:
     return m if same else None
 
 
-def train_and_evaluate(system: str, seed: int, data: str, out: str, epochs: int) -> dict:
+def train_and_evaluate(system: str, seed: int, data: str, out: str, epochs: int,
+                       lr_schedule: str = "constant") -> dict:
     """Train one seed (or resume it), evaluate its best checkpoint; the seed's row."""
     run_dir = Path(out) / f"seed{seed}"
     config = {"epochs": epochs, "batch_size": 200, "seed": seed, "threads": 1,
-              "checkpoint_every": max(1, epochs // 20)}
+              "checkpoint_every": max(1, epochs // 20), "lr_schedule": lr_schedule}
     t0 = time.perf_counter()
     train_one(system, SETTING, data, str(run_dir), config)
     train_s = time.perf_counter() - t0
@@ -131,7 +135,8 @@ def markdown(system: str, rows: list[dict], summary: dict, meta: dict) -> str:
         head += [f"{n} MAE", f"{n} corr", f"{n} 90% cov. calibrated", f"{n} 90% cov. raw"]
         head += [f"{n} median err [deg]"] if n in degrees else []
     head.append("IWAE / item")
-    lines = [f"{system} {SETTING}, {meta['epochs']} epochs, seeds {meta['seeds']}, "
+    lines = [f"{system} {SETTING}, {meta['epochs']} epochs, "
+             f"learning rate {meta.get('lr_schedule', 'constant')}, seeds {meta['seeds']}, "
              f"{meta['date']}, {meta['machine']}", "",
              "| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
 
@@ -160,14 +165,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=None, help="default: the benchmark's budget")
     p.add_argument("--jobs", type=int, default=2, help="seeds trained side by side")
-    p.add_argument("--out", default=None, help="default: benchmarks/<system>/out_seeds")
+    p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default="constant",
+                   help="the trainer's learning-rate schedule (default: constant, the reference's)")
+    p.add_argument("--out", default=None, help="default: benchmarks/<system>/out_seeds, with "
+                   "_<schedule> appended for a schedule other than constant")
     args = p.parse_args(argv)
     epochs = args.epochs or BUDGET[args.system]
-    out = Path(args.out or HERE / args.system / "out_seeds")
+    tag = "" if args.lr_schedule == "constant" else f"_{args.lr_schedule}"
+    out = Path(args.out or HERE / args.system / f"out_seeds{tag}")
     data = benchmark_data(args.system)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(train_and_evaluate, args.system, s, str(data), str(out), epochs)
-                   for s in args.seeds]
+        futures = [pool.submit(train_and_evaluate, args.system, s, str(data), str(out), epochs,
+                               args.lr_schedule) for s in args.seeds]
         rows = []
         for f in futures:
             rows.append(f.result())
@@ -176,13 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"date": date.today().isoformat(), "machine": platform.platform(),
             "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "torch": torch.__version__, "system": args.system, "setting": SETTING, "epochs": epochs,
+            "lr_schedule": args.lr_schedule,
             "seeds": args.seeds, "jobs": args.jobs, "data": str(data), **EVAL[args.system]}
     results = HERE / args.system / "results"
     results.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "rows": rows, "summary": summary}
-    (results / "seeds.json").write_text(json.dumps(report, indent=2))
+    (results / f"seeds{tag}.json").write_text(json.dumps(report, indent=2))
     table = markdown(args.system, rows, summary, meta)
-    (results / "seeds.md").write_text(table)
+    (results / f"seeds{tag}.md").write_text(table)
     print(table)
     return report
 

@@ -44,6 +44,7 @@ def _number(kind: type, what: str, ok: Callable[[float], bool]):
 _positive_int = _number(int, "a positive integer", lambda v: v > 0)
 _non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0)
+_unit_ratio = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 _non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
 _renyi_order = _number(float, "a number >= 0 other than 1", lambda v: v >= 0 and v != 1)
 #: Seeds feed NumPy's generator too (through pyro.set_rng_seed), which takes 0 to 2**32 - 1.
@@ -200,9 +201,9 @@ def cmd_import_galaxy10(args: argparse.Namespace) -> None:
 
 #: The ``train`` options that are fields of ``TrainConfig``. Left out (``None``), they take
 #: the reference defaults in a new run and the run's recorded values on ``--resume``.
-TRAIN_CONFIG_OPTIONS = ("epochs", "batch_size", "lr", "seed", "elbo", "num_particles", "renyi_alpha",
-                        "guide", "alpha", "beta", "gamma", "grad_scale", "device", "threads",
-                        "checkpoint_every", "stream")
+TRAIN_CONFIG_OPTIONS = ("epochs", "batch_size", "lr", "lr_schedule", "lr_final_ratio", "seed", "elbo",
+                        "num_particles", "renyi_alpha", "guide", "alpha", "beta", "gamma", "grad_scale",
+                        "device", "threads", "checkpoint_every", "stream")
 #: ``physvae train``'s system and setting where neither is given nor resumed.
 TRAIN_DEFAULTS = {"system": "pendulum", "setting": "phys+nn+reg"}
 
@@ -484,7 +485,7 @@ _SYSTEM_HELP = ("a built-in system (pendulum, advdif, locomotion, galaxy), one r
 def build_parser() -> argparse.ArgumentParser:
     from pyro_physvae.autoguides import GUIDES
     from pyro_physvae.ode import METHODS
-    from pyro_physvae.train import ELBOS
+    from pyro_physvae.train import ELBOS, LR_SCHEDULES
 
     p = argparse.ArgumentParser(prog="physvae", description="Physics-integrated VAEs in Pyro.")
     p.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
@@ -545,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None, help="default: the reference")
     t.add_argument("--batch-size", type=_positive_int, default=None)
     t.add_argument("--lr", type=_positive_float, default=None, help="default: 1e-3")
+    t.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
+                   help="learning rate over the epochs: constant (default, the reference's) or "
+                   "cosine (from --lr down to --lr times --lr-final-ratio in the last epoch)")
+    t.add_argument("--lr-final-ratio", type=_unit_ratio, default=None,
+                   help="last epoch's learning rate over --lr with --lr-schedule cosine "
+                   "(in (0, 1]; default 0.01)")
     t.add_argument("--seed", type=_seed, default=None, help="default: 0")
     t.add_argument("--elbo", choices=list(ELBOS), default=None, help="default: meanfield")
     t.add_argument("--num-particles", type=_positive_int, default=None, help="default: 1")

@@ -76,6 +76,8 @@ from pyro_physvae.train import (
     _RunWriter,
     _setup_run,
     device_rng_state,
+    scheduled_lr,
+    set_lr,
     validation_loss,
 )
 
@@ -268,6 +270,8 @@ def _lightning_module_class() -> type:
             if self.global_rank > 0:  # its own draws, the same after a resume
                 torch.manual_seed(_stream_seed(c.seed, self.global_rank, self._epoch))
             self._t0 = time.perf_counter()
+            self._lr = scheduled_lr(c, self._epoch)
+            set_lr(run.trainer.optimizer, self._lr)
             self.model.train()
             self.guide.train()
             self._x_epoch = run.x_train
@@ -384,7 +388,7 @@ def _lightning_module_class() -> type:
             record = {"epoch": self._epoch + 1, "loss": sums[0] / run.n,
                       **dict(zip(names, sums[1:], strict=True)),
                       "val_loss": val_loss / run.x_check.shape[0], "val_mse": val_mse,
-                      "lr": run.config.lr, "time_train": t_train,
+                      "lr": self._lr, "time_train": t_train,
                       "time_epoch": time.perf_counter() - self._t0}
             return record, None
 

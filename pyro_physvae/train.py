@@ -65,7 +65,8 @@ class TrainingDiverged(RuntimeError):
 
 
 #: Options that may change when a run is resumed; all others are fixed for a run.
-RESUMABLE = ("epochs", "lr", "threads", "device", "checkpoint_every", "stream")
+RESUMABLE = ("epochs", "lr", "lr_schedule", "lr_final_ratio", "threads", "device",
+             "checkpoint_every", "stream")
 #: The files of a run that :func:`train` writes (``overwrite=True`` replaces them).
 RUN_FILES = ("config.json", "history.jsonl", "last.pt", "last.prev.pt", "best.pt")
 
@@ -78,6 +79,10 @@ class TrainConfig:
     :func:`reference_grad_scale`, which puts them on the reference implementation's scale so
     that ``clip_value`` and ``adam_eps`` mean what they mean there.
 
+    ``lr_schedule`` (a name in :data:`LR_SCHEDULES`) changes the learning rate from epoch to
+    epoch, down to ``lr * lr_final_ratio`` in the last epoch (see :func:`scheduled_lr`); the
+    default, ``"constant"``, is the reference's.
+
     ``alpha``, ``beta``, ``gamma`` (R_ppc, R_DA,2, R_DA,1 weights) default to the system's
     reference values and apply to ``phys+nn+reg`` only. ``guide`` is ``"amortized"`` (the
     system's encoder) or an AutoGuide with per-sequence latents (see
@@ -88,6 +93,8 @@ class TrainConfig:
     epochs: int = 5000
     batch_size: int = 200
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.01
     weight_decay: float = 1e-6
     adam_eps: float = 1e-3
     clip_value: float = 5.0
@@ -111,6 +118,11 @@ class TrainConfig:
         if self.elbo not in ELBOS:
             raise ValueError(f"unknown ELBO {self.elbo!r}; choose one of: {', '.join(ELBOS)}")
         check_guide_kind(self.guide)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of: "
+                             f"{', '.join(LR_SCHEDULES)}")
+        if not (_is_number(self.lr_final_ratio) and 0 < self.lr_final_ratio <= 1):
+            raise ValueError(f"lr_final_ratio must be a number in (0, 1], got {self.lr_final_ratio!r}")
         if not (self.renyi_alpha >= 0 and self.renyi_alpha != 1):
             raise ValueError(f"renyi_alpha must be >= 0 and not 1, got {self.renyi_alpha}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -138,6 +150,40 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+#: Learning-rate schedules: the share of the way from ``lr`` (1) to ``lr * lr_final_ratio``
+#: (0) still to go, as a function of the training progress in ``[0, 1]``.
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {"constant": _constant, "cosine": _cosine}
+
+
+def scheduled_lr(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) of a run of ``config.epochs`` epochs.
+
+    ``"constant"`` keeps ``config.lr``. ``"cosine"`` falls from ``config.lr`` in the first
+    epoch to ``config.lr * config.lr_final_ratio`` in the last, along half a cosine, so that
+    the last epochs take small steps and the best-validation checkpoint stops depending on
+    where the last large step happened to land. The schedule is a function of the epoch and
+    of ``config.epochs`` only: a resumed run continues it exactly, and a run resumed with more
+    epochs follows the longer schedule from where it stands.
+    """
+    progress = epoch / max(config.epochs - 1, 1)
+    ratio = config.lr_final_ratio
+    return config.lr * (ratio + (1.0 - ratio) * LR_SCHEDULES[config.lr_schedule](min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of ``optimizer`` the learning rate ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _is_number(value: Any) -> bool:
@@ -678,8 +724,7 @@ def _setup_run(system: System, setting: Setting, train_ds, valid_ds, data_dir: s
         load_module_state(model, state["model_state"], f"{resumed_from} model_state")
         load_module_state(guide, state["guide_state"], f"{resumed_from} guide_state")
         trainer.optimizer.load_state_dict(state["optimizer_state"])
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = config.lr
+        set_lr(trainer.optimizer, scheduled_lr(config, state["epoch"]))
         history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
         torch.set_rng_state(state["rng_state"])
         if "cuda_rng_state" in state and device.type == "cuda":  # the draws made on the GPU
@@ -752,6 +797,8 @@ def _epoch(system: System, config: TrainConfig, trainer: SVITrainer, loss: ELBO,
            batch_size: int, epoch: int, run_dir: Path, device: torch.device) -> dict[str, float]:
     """One pass over the training data in minibatches, then the validation loss."""
     t0 = time.perf_counter()
+    lr = scheduled_lr(config, epoch)
+    set_lr(trainer.optimizer, lr)
     model.train()
     guide.train()
     # Guides that pack all sequences' latents into one vector need them in a fixed order.
@@ -793,4 +840,4 @@ def _epoch(system: System, config: TrainConfig, trainer: SVITrainer, loss: ELBO,
                                "checkpoints already written are kept unchanged")
     return {"epoch": epoch + 1, "loss": total / n, **terms,
             "val_loss": val_loss / x_check.shape[0], "val_mse": val_mse,
-            "lr": config.lr, "time_train": t_train, "time_epoch": time.perf_counter() - t0}
+            "lr": lr, "time_train": t_train, "time_epoch": time.perf_counter() - t0}

@@ -23,6 +23,7 @@ from pyro_physvae.arguments import check_keyword_arguments
 from pyro_physvae.cli import main
 from pyro_physvae.data.io import SPLITS, load_dataset, save_dataset, to_tensor
 from pyro_physvae.systems import get_system
+from pyro_physvae.train import read_history
 
 SMALL = ["--model-option", "hidden_aux1=[8]", "--model-option", "hidden_aux2=[8]",
          "--guide-option", "hidden_feat=[8]", "--guide-option", "feat_dim=8",
@@ -91,6 +92,9 @@ def other_data(tmp_path_factory) -> dict[str, Path]:
     ("--rtol", "nan", "argument --rtol: expected a finite number"),
     ("--seed", "-1", "argument --seed: expected an integer from 0 to 4294967295"),
     ("--device", "gpu", "argument --device: expected cpu, cuda or cuda:N"),
+    ("--lr-schedule", "linear", "argument --lr-schedule: invalid choice: 'linear'"),
+    ("--lr-final-ratio", "0", "argument --lr-final-ratio: expected a number in (0, 1], got 0.0"),
+    ("--lr-final-ratio", "2", "argument --lr-final-ratio: expected a number in (0, 1], got 2.0"),
 ])
 def test_bad_option_values_are_refused_by_name(option, value, message, tmp_path, capsys) -> None:
     code, err = run_cli(["train", "--data", tmp_path, "--out", tmp_path / "r", option, value], capsys)
@@ -416,6 +420,21 @@ def test_resume_keeps_the_options_not_given(tiny_data_dir, tmp_path, capsys) -> 
                          "--model-option", "dim_z_aux1=abc"], capsys)
     assert code == 2 and "--model-option dim_z_aux1: expected int >= 0, got 'abc'" in err
     assert snapshot(run) == before
+
+
+def test_cosine_schedule_from_the_command_line_is_kept_on_resume(tiny_data_dir, tmp_path) -> None:
+    run = tmp_path / "run"
+    fast = [a if a != "1" else "2" for a in TRAIN_FAST]  # two epochs
+    assert main(["train", "--data", str(tiny_data_dir), "--out", str(run), "--lr-schedule", "cosine",
+                 "--lr-final-ratio", "0.25", *fast]) == 0
+    config = _train_config(run)
+    assert (config["lr_schedule"], config["lr_final_ratio"]) == ("cosine", 0.25)
+    assert [r["lr"] for r in read_history(run)] == pytest.approx([1e-3, 2.5e-4])
+    # Resumed with more epochs and nothing else given: the same schedule, now over 3 epochs.
+    assert main(["train", "--data", str(tiny_data_dir), "--out", str(run), "--resume", "--epochs", "3",
+                 "--quiet"]) == 0
+    assert _train_config(run)["lr_schedule"] == "cosine"
+    assert read_history(run)[-1]["lr"] == pytest.approx(2.5e-4)
 
 
 def test_resume_needs_a_recorded_run(tiny_data_dir, tmp_path, capsys) -> None:

@@ -23,7 +23,7 @@ from pyro_physvae.checkpoint import load_checkpoint
 from pyro_physvae.cli import main
 from pyro_physvae.distributed import ShardedBatches, shard_weight, train_lightning
 from pyro_physvae.ode import IntegrationError
-from pyro_physvae.train import TrainConfig, TrainingDiverged, read_history, train
+from pyro_physvae.train import TrainConfig, TrainingDiverged, read_history, scheduled_lr, train
 
 RUN = {"batch_size": 16, "threads": 1, "seed": 0}
 SMALL = {"model_kwargs": SMALL_MODEL, "guide_kwargs": SMALL_GUIDE, "progress": False}
@@ -89,11 +89,13 @@ def test_one_rank_takes_the_single_process_permutation():
 
 
 # -- one device -------------------------------------------------------------------------------
-def test_one_device_repeats_the_single_process_run(tiny_data_dir, tmp_path):
-    single = train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "single",
-                   TrainConfig(epochs=3, **RUN), **SMALL)
-    lit = train_lightning("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "lightning",
-                          TrainConfig(epochs=3, **RUN), accelerator="cpu", devices=1, **SMALL)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_one_device_repeats_the_single_process_run(tiny_data_dir, tmp_path, schedule):
+    config = TrainConfig(epochs=3, lr_schedule=schedule, lr_final_ratio=0.1, **RUN)
+    single = train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "single", config, **SMALL)
+    lit = train_lightning("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "lightning", config,
+                          accelerator="cpu", devices=1, **SMALL)
+    assert [r["lr"] for r in lit] == [scheduled_lr(config, e) for e in range(3)]
     assert without_times(lit) == without_times(single)  # bitwise: same draws, same steps
     a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("single", "lightning"))
     for key in ("model_state", "guide_state"):

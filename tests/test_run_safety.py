@@ -26,7 +26,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro_physvae.checkpoint import CheckpointError, encode_checkpoint, load_checkpoint
 from pyro_physvae.files import DirectoryInUse, DirectoryLock
 from pyro_physvae.regularizers import NonFiniteStep, PhysVAELoss
-from pyro_physvae.train import TrainConfig, latest_checkpoint, read_history, train
+from pyro_physvae.train import TrainConfig, latest_checkpoint, read_history, scheduled_lr, train
 
 RUN = {"batch_size": 16, "threads": 1, "seed": 0}
 SMALL = {"model_kwargs": SMALL_MODEL, "guide_kwargs": SMALL_GUIDE, "progress": False}
@@ -194,7 +194,8 @@ def test_resume_applies_and_records_a_new_learning_rate(run6, tiny_data_dir, tmp
 def test_resume_refuses_a_fixed_option(run6, tiny_data_dir, tmp_path, config, kwargs, match):
     run_dir = copy_run(run6, tmp_path)
     before = snapshot(run_dir)
-    only = ".*Only epochs, lr, threads, device, checkpoint_every, stream may change"
+    only = (".*Only epochs, lr, lr_schedule, lr_final_ratio, threads, device, checkpoint_every, "
+            "stream may change")
     with pytest.raises(ValueError, match=match + only):
         train("pendulum", "phys+nn+reg", tiny_data_dir, run_dir, TrainConfig(epochs=8, **{**RUN, **config}),
               resume=True, **{**SMALL, **kwargs})
@@ -442,3 +443,65 @@ def test_validation_split_must_match_the_training_split(tiny_datasets, tmp_path,
         train("pendulum", "phys-only", tmp_path / "data", tmp_path / "run", TrainConfig(epochs=1, **RUN),
               **SMALL)
     assert not (tmp_path / "run").exists()
+
+
+# -- learning-rate schedule ---------------------------------------------------------------------
+def test_cosine_schedule_falls_from_lr_to_its_final_ratio():
+    config = TrainConfig(epochs=11, lr=1e-3, lr_schedule="cosine", lr_final_ratio=0.1)
+    lrs = [scheduled_lr(config, e) for e in range(11)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[5] == pytest.approx(0.5 * (1e-3 + 1e-4))  # half way along the half cosine
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    # Symmetric about the middle: the cosine's fall is as steep at both ends.
+    assert lrs[1] - lrs[2] == pytest.approx(lrs[8] - lrs[9])
+    constant = TrainConfig(epochs=11, lr=3e-4)
+    assert [scheduled_lr(constant, e) for e in range(11)] == [3e-4] * 11
+    assert scheduled_lr(TrainConfig(epochs=1, lr_schedule="cosine"), 0) == 1e-3
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"lr_schedule": "linear"}, r"unknown lr_schedule 'linear'; choose one of: constant, cosine"),
+    ({"lr_final_ratio": 0.0}, r"lr_final_ratio must be a number in \(0, 1\], got 0\.0"),
+    ({"lr_final_ratio": 1.5}, r"lr_final_ratio must be a number in \(0, 1\], got 1\.5"),
+    ({"lr_final_ratio": float("nan")}, r"lr_final_ratio must be a number in \(0, 1\], got nan"),
+])
+def test_bad_schedule_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**options)
+
+
+def test_cosine_schedule_is_applied_recorded_and_resumed_exactly(tiny_data_dir, tmp_path, monkeypatch):
+    """Each epoch trains at its scheduled rate, the history records it, and a run stopped after
+    epoch 2 and resumed continues as the run that never stopped."""
+    config = TrainConfig(epochs=4, lr=1e-2, lr_schedule="cosine", lr_final_ratio=0.05,
+                         checkpoint_every=1, **RUN)
+    straight = train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "straight", config, **SMALL)
+    expected = [scheduled_lr(config, e) for e in range(4)]
+    assert [r["lr"] for r in straight] == pytest.approx(expected)
+    assert expected[-1] == pytest.approx(5e-4)
+    saved = load_checkpoint(tmp_path / "straight" / "last.pt")["optimizer_state"]["param_groups"][0]["lr"]
+    assert saved == pytest.approx(expected[-1])
+
+    import pyro_physvae.train as train_module
+
+    def stop_at_epoch_3(config, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return scheduled_lr(config, epoch)
+
+    monkeypatch.setattr(train_module, "scheduled_lr", stop_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "stopped", config, **SMALL)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 2
+    resumed = train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "stopped", config,
+                    resume=True, **SMALL)
+    for a, b in zip(resumed, straight, strict=True):
+        assert a["lr"] == b["lr"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    # A constant-rate run differs from epoch 2 on: the schedule is not a no-op.
+    constant = train("pendulum", "phys+nn+reg", tiny_data_dir, tmp_path / "constant",
+                     TrainConfig(epochs=4, lr=1e-2, checkpoint_every=1, **RUN), **SMALL)
+    assert constant[0]["loss"] == pytest.approx(straight[0]["loss"], rel=1e-6)
+    assert constant[3]["val_loss"] != pytest.approx(straight[3]["val_loss"], rel=1e-3)
