@@ -555,14 +555,31 @@ def split_chains(n_draws: int, chains: int = 4, min_draws: int = 4) -> int:
     return 1
 
 
-def loo_report(idata: az.InferenceData, var_name: str | None = None,
-               reff: float | None = INDEPENDENT_DRAWS_REFF) -> dict[str, float]:
-    """PSIS-LOO and WAIC of an InferenceData's pointwise (per-sequence) log-likelihood.
+def psis_loo(idata: az.InferenceData, var_name: str | None = None,
+             reff: float | None = INDEPENDENT_DRAWS_REFF) -> az.ELPDData:
+    """``az.loo`` of an InferenceData's pointwise (per-sequence) log-likelihood, pointwise,
+    with ArviZ's warnings about large ``k`` silenced (:func:`loo_report` gives their shares).
 
     ``reff``: the relative efficiency of the draws, 1 for the independent draws of a guide
     (the default, :data:`INDEPENDENT_DRAWS_REFF`); ``None`` lets ArviZ estimate it from the
     chains, as MCMC draws need (ArviZ then computes an effective sample size for every
     element of the posterior group: minutes for a thousand fields with their curves).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return az.loo(idata, pointwise=True, var_name=var_name, reff=reff)
+
+
+def loo_report(idata: az.InferenceData, var_name: str | None = None,
+               reff: float | None = INDEPENDENT_DRAWS_REFF,
+               loo: az.ELPDData | None = None) -> dict[str, float]:
+    """PSIS-LOO and WAIC of an InferenceData's pointwise (per-sequence) log-likelihood.
+
+    ``reff`` as in :func:`psis_loo`; ``loo``: that function's result for the same
+    ``idata`` and ``var_name``, if already computed.
 
     Returns ``elpd_loo`` with its standard error ``se_loo`` and ``p_loo``; the shares of
     sequences whose Pareto shape ``k`` exceeds 0.7 (``pareto_k_gt_0.7``: the importance
@@ -572,10 +589,10 @@ def loo_report(idata: az.InferenceData, var_name: str | None = None,
     """
     import warnings
 
+    loo = psis_loo(idata, var_name, reff) if loo is None else loo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        loo = az.loo(idata, pointwise=True, var_name=var_name, reff=reff)
         waic = az.waic(idata, var_name=var_name)
     k = np.asarray(loo.pareto_k)
     return {"elpd_loo": float(loo.elpd_loo), "se_loo": float(loo.se), "p_loo": float(loo.p_loo),
@@ -595,16 +612,12 @@ def raw_loo_report(idata: az.InferenceData) -> dict[str, float] | None:
     return loo_report(raw)
 
 
-def plot_pareto_k(idata: az.InferenceData, path, title: str = "",
+def plot_pareto_k(data: az.InferenceData | az.ELPDData, path, title: str = "",
                   reff: float | None = INDEPENDENT_DRAWS_REFF) -> None:
     """The Pareto shape ``k`` of each sequence's PSIS-LOO weights (``az.plot_khat``), with
-    the 0.7 and 1 thresholds; ``reff`` as in :func:`loo_report`."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        loo = az.loo(idata, pointwise=True, reff=reff)
+    the 0.7 and 1 thresholds. ``data``: the InferenceData (PSIS-LOO is computed with
+    ``reff`` as in :func:`psis_loo`) or :func:`psis_loo`'s result."""
+    loo = data if isinstance(data, az.ELPDData) else psis_loo(data, reff=reff)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     az.plot_khat(loo, ax=ax, show_hlines=True, hlines_kwargs={"hlines": [0.7, 1.0], "color": "C3"})
     ax.set_xlabel("sequence (index in the split)")

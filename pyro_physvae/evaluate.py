@@ -47,6 +47,7 @@ from pyro_physvae.diagnostics import (  # noqa: E402
     markdown_table,
     plot_calibration,
     plot_pareto_k,
+    psis_loo,
     raw_loo_report,
     sample_posterior,
     split_chains,
@@ -490,13 +491,14 @@ def diagnose(run_dir: str | Path, data_dir: str | Path | None = None, *, split: 
         summary_table = az.summary(idata, var_names=list(physics), kind="stats", hdi_prob=INTERVAL)
         summary_table.to_csv(out / "summary.csv")
     iwae = streamed_iwae(run.model, guide, x, iwae_particles, seed=seed)
+    loo = psis_loo(idata)  # once, for the report and the figure
     report: dict[str, Any] = {
         **_header(run, split, num_samples, run.applied_refine_steps(refine_steps)),
         "guide": run.guide_kind, **summary_metrics(ds, summary, physics, cal),
         "iwae_log_likelihood": iwae_summary(iwae), "predictive_sequences": shown,
-        "loo": loo_report(idata), "loo_raw": raw_loo_report(idata), **calibration_report(cal),
+        "loo": loo_report(idata, loo=loo), "loo_raw": raw_loo_report(idata), **calibration_report(cal),
     }
-    plot_pareto_k(idata, out / "pareto_k.png")
+    plot_pareto_k(loo, out / "pareto_k.png")
     report["calibration"] = _calibrate(run, draws, ds, physics, cal, out)
     plot_reconstructions(run.system, ds, x_shown, draws, out / "reconstructions.png")
     _plot_forest(idata, physics, ds, out / "posterior.png")

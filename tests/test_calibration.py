@@ -19,7 +19,9 @@ from pyro_physvae.diagnostics import (
     estimate_noise,
     fit_interval_calibration,
     interval_coverage,
+    loo_report,
     noise_channel_axes,
+    psis_loo,
     split_chains,
     with_noise,
 )
@@ -200,6 +202,11 @@ def test_diagnose_inference_data_works_with_loo_summary_and_compare(tiny_run, tm
     idata = az.from_netcdf(str(out / "inference_data.nc"))
     assert list(idata.log_likelihood.data_vars) == ["x"] and "log_likelihood_raw" in idata.posterior
     assert idata.log_likelihood.attrs["observation_noise"] == "fitted after training"
+    # diagnose computes PSIS-LOO once for the report and the figure: the same figures as anew.
+    anew = loo_report(idata)
+    assert {k: anew[k] for k in loo if loo[k] is not None} == \
+        pytest.approx({k: v for k, v in loo.items() if v is not None}, rel=1e-6)  # JSON: inf as null
+    assert loo_report(idata, loo=psis_loo(idata)) == loo_report(idata)
     # The log-likelihood group is the fitted noise's: sum over time of Normal(x_mean, sigma_hat).
     sigma = report["calibration_fit"]["noise"]["sigma"]["all"]
     x = idata.observed_data["x"].values
