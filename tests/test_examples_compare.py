@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -36,3 +37,6 @@ def test_compare_settings_trains_diagnoses_and_compares_the_four(example, tmp_pa
     for setting in SETTINGS:
         diag = tmp_path / "cmp" / setting.replace("+", "_") / "diagnose-test"
         assert (diag / "inference_data.nc").is_file() and (diag / "pareto_k.png").is_file()
+        # The comparison ranks by the PSIS-LOO that diagnose reported (independent draws).
+        reported = json.loads((diag / "diagnostics.json").read_text())["loo"]["elpd_loo"]
+        assert table.loc[setting, "elpd_loo"] == pytest.approx(reported, rel=1e-5)
