@@ -206,6 +206,10 @@ def test_advdif_train_evaluate_extrapolate(advdif_run, tmp_path: Path, capsys) -
     data, run = advdif_run
     config = json.loads((run / "config.json").read_text())
     assert config["system"] == "advdif" and config["model_kwargs"]["n_grid"] == 20
+    # advdif's measured default: cosine decay over the run's epochs (here 2).
+    assert config["train_config"]["lr_schedule"] == "cosine"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-5])
     out = tmp_path / "eval"
     assert main(["evaluate", str(run), "--samples", "4", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
