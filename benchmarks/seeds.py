@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=None, help="default: the benchmark's budget")
     p.add_argument("--jobs", type=int, default=2, help="seeds trained side by side")
     p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default="constant",
-                   help="the trainer's learning-rate schedule (default: constant, the reference's)")
+                   help="the trainer's learning-rate schedule (default: constant, the reference's, "
+                   "which the seeds of 2026-12-03 compare against; advdif's own default is cosine)")
     p.add_argument("--out", default=None, help="default: benchmarks/<system>/out_seeds, with "
                    "_<schedule> appended for a schedule other than constant")
     args = p.parse_args(argv)

@@ -4,7 +4,8 @@
 
 Data are generated (seeded) into ``OUT/data`` when missing, unless ``--data`` names a
 directory to train on (e.g. the real gait recordings, read in place). Finished runs (``last.pt`` at the
-final epoch) are kept; partial ones resume.
+final epoch) are kept; partial ones resume. The learning-rate schedule is the system's default
+(advection-diffusion: cosine since 2026-12-03; its earlier tables were trained at a constant rate).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data is None:
         ensure_data(data, args.seed, args.system)
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-              "threads": args.threads, "checkpoint_every": 100, "grad_scale": args.grad_scale}
+              "threads": args.threads, "checkpoint_every": 100, "grad_scale": args.grad_scale,
+              "lr_schedule": defaults.get("lr_schedule", "constant")}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         model_kwargs = {k: v for k, v in (("method", args.solver), ("substeps", args.substeps))
                         if v is not None}
