@@ -1,6 +1,6 @@
 """How much of a run's validation loss is the noise of its random draws.
 
-    python benchmarks/validation_noise.py RUN [RUN ...] [--checkpoints best.pt last.pt] [--draws 8]
+    python benchmarks/validation_noise.py RUN [RUN ...] [--checkpoints [best.pt last.pt]] [--draws 8]
 
 The trainer picks ``best.pt`` by the validation loss of each epoch: the loss (negative ELBO plus
 regularizers) of one random draw of the guide's latents (and of R_DA,2's simulated data) for
@@ -63,7 +63,8 @@ def history_spread(run_dir: Path, last: int = 200) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
-    p.add_argument("--checkpoints", nargs="+", default=["best.pt", "last.pt"])
+    p.add_argument("--checkpoints", nargs="*", default=["best.pt", "last.pt"],
+                   help="checkpoints to evaluate (none: the histories only)")
     p.add_argument("--draws", type=int, default=8)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
