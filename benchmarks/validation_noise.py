@@ -50,10 +50,11 @@ def spread_at(run_dir: Path, checkpoint: str, draws: int) -> dict:
             "val_loss_cv": float(losses.std() / losses.mean())}
 
 
-def history_spread(run_dir: Path, last: int = 200) -> dict:
-    """The validation loss over the run's last ``last`` epochs, against its best."""
+def history_spread(run_dir: Path, window: tuple[int, int] | None = None) -> dict:
+    """The validation loss over the epochs ``window`` (first and last, 1-based; default: the
+    run's last 200), against its best."""
     val = np.asarray([r["val_loss"] for r in read_history(run_dir)])
-    tail = val[-last:]
+    tail = val[window[0] - 1:window[1]] if window else val[-200:]
     return {"epochs": int(val.size), "best": float(val.min()), "best_epoch": int(val.argmin()) + 1,
             "tail_min": float(tail.min()), "tail_median": float(np.median(tail)),
             "tail_max": float(tail.max()),
@@ -66,15 +67,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--checkpoints", nargs="*", default=["best.pt", "last.pt"],
                    help="checkpoints to evaluate (none: the histories only)")
     p.add_argument("--draws", type=int, default=8)
+    p.add_argument("--window", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="epochs whose validation loss is summarised (default: the last 200)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for run in map(Path, args.runs):
-        hist = history_spread(run)
+        hist = history_spread(run, args.window)
+        span = f"epochs {args.window[0]}-{args.window[1]}" if args.window else "last 200 epochs"
         print(f"{run}: {hist['epochs']} epochs, best val loss {hist['best']:.4g} at epoch "
               f"{hist['best_epoch']}; "
-              f"last 200 epochs min {hist['tail_min']:.4g}, median {hist['tail_median']:.4g}, "
+              f"{span} "
+              f"min {hist['tail_min']:.4g}, median {hist['tail_median']:.4g}, "
               f"max {hist['tail_max']:.4g}", flush=True)
         for ckpt in args.checkpoints:
             row = {**spread_at(run, ckpt, args.draws), "history": hist}
