@@ -547,8 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=None)
     t.add_argument("--lr", type=_positive_float, default=None, help="default: 1e-3")
     t.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
-                   help="learning rate over the epochs: constant (default, the reference's) or "
-                   "cosine (from --lr down to --lr times --lr-final-ratio in the last epoch)")
+                   help="learning rate over the epochs: constant (the reference's) or cosine (from "
+                   "--lr down to --lr times --lr-final-ratio in the last epoch); default: the "
+                   "system's (cosine for advdif, constant for the others)")
     t.add_argument("--lr-final-ratio", type=_unit_ratio, default=None,
                    help="last epoch's learning rate over --lr with --lr-schedule cosine "
                    "(in (0, 1]; default 0.01)")
