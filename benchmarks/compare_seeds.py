@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-#: The summary keys compared, by suffix: errors, correlations and calibrated coverage.
-KEEP = ("recon_mse", "_mae", "_corr", "_coverage90")
+#: The physics parameters' figures compared (besides ``recon_mse``), by suffix.
+PARAMETER_FIGURES = ("_mae", "_corr", "_coverage90")
 
 
 def label(report: dict) -> str:
@@ -25,7 +25,7 @@ def label(report: dict) -> str:
 
 
 def kept(summary: dict) -> list[str]:
-    return [k for k in summary if k == "recon_mse" or k.endswith(KEEP[1:])]
+    return [k for k in summary if k == "recon_mse" or k.endswith(PARAMETER_FIGURES)]
 
 
 def per_seed(report: dict, key: str) -> dict[int, float]:

@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=None,
                    help="learning rate over the epochs: constant (the reference's) or cosine (from "
                    "--lr down to --lr times --lr-final-ratio in the last epoch); default: the "
-                   "system's (cosine for advdif, constant for the others)")
+                   "system's own (its System.train_defaults; see the README), else constant")
     t.add_argument("--lr-final-ratio", type=_unit_ratio, default=None,
                    help="last epoch's learning rate over --lr with --lr-schedule cosine "
                    "(in (0, 1]; default 0.01)")

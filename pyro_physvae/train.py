@@ -724,7 +724,6 @@ def _setup_run(system: System, setting: Setting, train_ds, valid_ds, data_dir: s
         load_module_state(model, state["model_state"], f"{resumed_from} model_state")
         load_module_state(guide, state["guide_state"], f"{resumed_from} guide_state")
         trainer.optimizer.load_state_dict(state["optimizer_state"])
-        set_lr(trainer.optimizer, scheduled_lr(config, state["epoch"]))
         history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
         torch.set_rng_state(state["rng_state"])
         if "cuda_rng_state" in state and device.type == "cuda":  # the draws made on the GPU
