@@ -34,9 +34,11 @@ def per_seed(report: dict, key: str) -> dict[int, float]:
     for row in report["rows"]:
         if key == "recon_mse":
             out[row["seed"]] = row["recon_mse"]
-        else:
-            name, figure = key.split("_", 1)
-            out[row["seed"]] = row["parameters"][name][figure]
+        else:  # "<parameter>_<figure>"; a parameter's name may hold "_" itself
+            for name, figures in row["parameters"].items():
+                figure = key.removeprefix(f"{name}_")
+                if figure != key and figure in figures:
+                    out[row["seed"]] = figures[figure]
     return out
 
 
