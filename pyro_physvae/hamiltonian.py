@@ -47,31 +47,32 @@ RightHandSide = Callable[[Tensor, Tensor], Tensor]
 
 
 # -- derivatives of the activations --------------------------------------------------------------
-# Each gives act'(a) from the output h = act(a) alone (into ``out`` if given), and act''(a)
-# from h and act'(a).
+# Each activation has ``first``, giving act'(a) from the output h = act(a) alone (into ``out`` if
+# given), and ``curvature``, giving act''(a) / act'(a) from h: the adjoint of a written gradient
+# multiplies a stored ``act'(a) * (...)`` by it, which is cheaper than forming act''(a).
 def _elu_first(h: Tensor, out: Tensor | None = None) -> Tensor:
     # elu'(a) = 1 for a > 0 and exp(a) = elu(a) + 1 otherwise: 1 + min(h, 0) in both cases.
     return torch.clamp(h, max=0.0, out=out).add_(1.0)
 
 
-def _elu_second(h: Tensor, d: Tensor) -> Tensor:
+def _elu_curvature(h: Tensor) -> Tensor:
     # elu''(a) = exp(a) = elu'(a) for a < 0, else 0; -sign(min(h, 0)) is the indicator of a < 0.
-    return h.clamp(max=0.0).sign_().neg_().mul_(d)
+    return h.clamp(max=0.0).sign_().neg_()
 
 
 def _tanh_first(h: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mul(h, h, out=out).neg_().add_(1.0)
 
 
-def _tanh_second(h: Tensor, d: Tensor) -> Tensor:
-    return -2.0 * h * d
+def _tanh_curvature(h: Tensor) -> Tensor:
+    return -2.0 * h  # tanh'' = -2 tanh tanh'
 
 
 def _relu_first(h: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.clamp(h, min=0.0, out=out).sign_()
 
 
-def _relu_second(h: Tensor, d: Tensor) -> Tensor:
+def _relu_curvature(h: Tensor) -> Tensor:
     return torch.zeros_like(h)
 
 
@@ -80,21 +81,21 @@ def _softplus_first(h: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.neg(torch.expm1(-h), out=out)
 
 
-def _softplus_second(h: Tensor, d: Tensor) -> Tensor:
-    return d * (1.0 - d)
+def _softplus_curvature(h: Tensor) -> Tensor:
+    return torch.exp(-h)  # sigmoid' = sigmoid (1 - sigmoid), and 1 - sigmoid(a) = exp(-h)
 
 
-#: ``(first, second)`` with ``act'(a) = first(h)`` and ``act''(a) = second(h, act'(a))`` from an
-#: activation's output ``h = act(a)``, for the activations of
+#: ``(first, curvature)`` with ``act'(a) = first(h)`` and ``act''(a) = curvature(h) * act'(a)``
+#: from an activation's output ``h = act(a)``, for the activations of
 #: :data:`pyro_physvae.nets.ACTIVATIONS` whose derivatives are written here (``softplus`` is
 #: PyTorch's with ``beta=1``: above its threshold of 20 the written derivative differs from
 #: PyTorch's by less than 3e-9; at ``a = 0`` exactly ``elu''`` is taken as 0, PyTorch's as 1).
 #: An MLP with another activation falls back to autograd.
-ACTIVATION_DERIVATIVES: dict[str, tuple[Callable[..., Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
-    "elu": (_elu_first, _elu_second),
-    "tanh": (_tanh_first, _tanh_second),
-    "relu": (_relu_first, _relu_second),
-    "softplus": (_softplus_first, _softplus_second),
+ACTIVATION_DERIVATIVES: dict[str, tuple[Callable[..., Tensor], Callable[[Tensor], Tensor]]] = {
+    "elu": (_elu_first, _elu_curvature),
+    "tanh": (_tanh_first, _tanh_curvature),
+    "relu": (_relu_first, _relu_curvature),
+    "softplus": (_softplus_first, _softplus_curvature),
 }
 
 
@@ -301,10 +302,11 @@ def hamiltonian_rk_trajectory(net: NetworkGradient, w_field: Tensor, linear: Ten
 class _Stage:
     """One stage's rows of a :class:`_Workspace` (views): written by the forward pass, the
     state ``y (B, D)`` and, per hidden layer ``k``, the activations ``h[k]``, their
-    derivatives ``d[k]``, the adjoints ``g[k]`` (all ``(B, H_k)``) and ``u[k] = g[k+1] @ W_k``;
-    written by the backward pass, the cotangents of the field ``v (B, D_out)``, of the
-    pre-activations (``grad_pre[k]``), of ``u[k]`` (``grad_u[k]``) and of the top adjoint's
-    input (``grad_top``)."""
+    derivatives ``d[k]`` and the adjoints ``g[k]`` (all ``(B, H_k)``); ``u[k] = g[k+1] @ W_k``
+    is scratch space, shared by all stages (the backward pass does not need it); written by the
+    backward pass, the cotangents of the field ``v (B, D_out)``, of the pre-activations
+    (``grad_pre[k]``), of ``u[k]`` (``grad_u[k]``) and of the top adjoint's input
+    (``grad_top``)."""
 
     y: Tensor
     h: list[Tensor]
@@ -326,13 +328,13 @@ class _Workspace:
         new = lambda width: like.new_empty(n, batch, width)  # noqa: E731
         self.y, self.v, self.grad_top = new(dim), new(dim_out), new(widths[-1])
         self.h, self.d, self.g, self.grad_pre = ([new(w) for w in widths] for _ in range(4))
-        self.u, self.grad_u = ([new(w) for w in widths[:-1]] for _ in range(2))
+        self.grad_u = [new(w) for w in widths[:-1]]
+        self.u = [like.new_empty(batch, w) for w in widths[:-1]]
         rows = lambda bufs: list(zip(*(b.unbind(0) for b in bufs), strict=True)) if bufs else [()] * n  # noqa: E731
-        self.stages = [_Stage(y, list(h), list(d), list(g), list(u), v, list(gp), list(gu), gt)
-                       for y, h, d, g, u, v, gp, gu, gt in zip(
-                           self.y.unbind(0), rows(self.h), rows(self.d), rows(self.g), rows(self.u),
-                           self.v.unbind(0), rows(self.grad_pre), rows(self.grad_u), self.grad_top.unbind(0),
-                           strict=True)]
+        self.stages = [_Stage(y, list(h), list(d), list(g), self.u, v, list(gp), list(gu), gt)
+                       for y, h, d, g, v, gp, gu, gt in zip(
+                           self.y.unbind(0), rows(self.h), rows(self.d), rows(self.g), self.v.unbind(0),
+                           rows(self.grad_pre), rows(self.grad_u), self.grad_top.unbind(0), strict=True)]
 
     @staticmethod
     def key_of(like: Tensor, *shapes) -> tuple:
@@ -365,13 +367,14 @@ class _Solver:
 
     def __init__(self, activation: str, tableau, steps: Sequence[float], substeps: int, n_hidden: int):
         self.act = ACTIVATIONS[activation]
-        self.first, self.second = ACTIVATION_DERIVATIVES[activation]
+        self.first, self.curvature = ACTIVATION_DERIVATIVES[activation]
         self.stages, self.weights = tableau
         self.steps, self.substeps, self.n_hidden = list(steps), substeps, n_hidden
 
-    def field(self, y, offset, w_x, m, a, w_out, hidden, row: _Stage | None) -> Tensor:
-        """The field at one stage's state ``y (B, D)``; with ``row``, the stage's activations
-        are written there."""
+    def field(self, y, offset, w_x, m_t, a, w_out, hidden, row: _Stage | None) -> Tensor:
+        """The field at one stage's state ``y (B, D)`` (``m_t = m^T``, contiguous: a product
+        with few output columns is several times faster in this layout); with ``row``, the
+        stage's activations are written there."""
         if row is None:
             hs = [self.act(torch.addmm(offset, y, w_x.t()))]
             for w, b in hidden:
@@ -389,7 +392,7 @@ class _Solver:
             g = torch.mul(ds[-1], w_out, out=row.g[-1])
             for k in range(len(hidden) - 1, -1, -1):
                 g = torch.mul(ds[k], torch.mm(g, hidden[k][0], out=row.u[k]), out=row.g[k])
-        return g @ m if a is None else torch.addmm(y @ a, g, m)
+        return F.linear(g, m_t) if a is None else torch.addmm(y @ a, g, m_t.t())
 
     def _activate(self, pre: Tensor) -> Tensor:
         """``act(pre)``, in ``pre``'s memory (activations without an in-place form are copied
@@ -407,6 +410,7 @@ class _Solver:
             ws = _Workspace.take(y0, n, y0.shape[0], y0.shape[1], m.shape[1],
                                  [w_x.shape[0]] + [w.shape[0] for w, _ in hidden])
         rows = iter(ws.stages) if ws is not None else None
+        m_t = m.t().contiguous()
         y, ys = y0, [y0]
         for h in self.steps:
             for _ in range(self.substeps):
@@ -416,7 +420,7 @@ class _Solver:
                     for a_ij, k_j in zip(a_i, ks, strict=False):
                         if a_ij:
                             y_stage = y_stage.add(k_j, alpha=a_ij * h)
-                    ks.append(self.field(y_stage, offset, w_x, m, a, w_out, hidden,
+                    ks.append(self.field(y_stage, offset, w_x, m_t, a, w_out, hidden,
                                          next(rows) if rows is not None else None))
                 for b_j, k_j in zip(self.weights, ks, strict=True):
                     if b_j:
@@ -424,20 +428,22 @@ class _Solver:
             ys.append(y)
         return torch.stack(ys, -2), ws
 
-    def field_adjoint(self, v: Tensor, row: _Stage, w_x, m, a, w_out, weights) -> Tensor:
-        """The cotangent of a stage's state from that of its field, ``v (B, D_out)``; the
+    def field_adjoint(self, v: Tensor, row: _Stage, w_x_t, m_t, a, weights) -> Tensor:
+        """The cotangent of a stage's state from that of its field, ``v (B, D_out)``
+        (``w_x_t`` and ``m_t`` are the transposes of ``w_x`` and ``m``, contiguous); the
         cotangents that the weights' gradients need are written to the stage's ``row``."""
-        second, n_hidden = self.second, self.n_hidden
+        n_hidden = self.n_hidden
         row.v.copy_(v)
-        grad_g = torch.mm(v, m.t(), out=row.grad_top if n_hidden == 0 else None)
+        grad_g = torch.mm(v, m_t, out=row.grad_top if n_hidden == 0 else None)
+        # d(act'(a_k) u_k)/da_k = act''(a_k) u_k = curvature(h_k) g_k, with g_k = act'(a_k) u_k stored
         for k in range(n_hidden):
-            torch.mul(grad_g * row.u[k], second(row.h[k], row.d[k]), out=row.grad_pre[k])
+            torch.mul(grad_g, row.g[k], out=row.grad_pre[k]).mul_(self.curvature(row.h[k]))
             grad_u = torch.mul(grad_g, row.d[k], out=row.grad_u[k])
             grad_g = torch.mm(grad_u, weights[k].t(), out=row.grad_top if k == n_hidden - 1 else None)
-        torch.mul(grad_g * w_out, second(row.h[-1], row.d[-1]), out=row.grad_pre[-1])
+        torch.mul(grad_g, row.g[-1], out=row.grad_pre[-1]).mul_(self.curvature(row.h[-1]))
         for k in range(n_hidden - 1, -1, -1):
             row.grad_pre[k].addcmul_(row.grad_pre[k + 1] @ weights[k], row.d[k])
-        grad_y = row.grad_pre[0] @ w_x
+        grad_y = F.linear(row.grad_pre[0], w_x_t)
         return grad_y if a is None else torch.addmm(grad_y, v, a.t())
 
     def adjoint(self, ws: _Workspace, grad_ys, offset, w_x, m, a, w_out, *hidden_flat,
@@ -445,6 +451,7 @@ class _Solver:
         """Gradients of ``sum(grad_ys * ys)`` with respect to ``(y0, offset, w_x, m, a, w_out,
         *hidden_flat)`` (``None`` where ``needs`` is false, and for the constant ``a``)."""
         weights = hidden_flat[0::2]
+        w_x_t, m_t = w_x.t().contiguous(), m.t().contiguous()
         n_stages = len(self.stages)
         grad_y = grad_ys[:, -1].clone()
         s = len(ws.stages)
@@ -457,7 +464,7 @@ class _Solver:
                 for i in range(n_stages - 1, -1, -1):
                     if grad_k[i] is None:
                         continue
-                    grad_stage = self.field_adjoint(grad_k[i], ws.stages[s + i], w_x, m, a, w_out, weights)
+                    grad_stage = self.field_adjoint(grad_k[i], ws.stages[s + i], w_x_t, m_t, a, weights)
                     grad_y = grad_y + grad_stage
                     for j, a_ij in enumerate(self.stages[i][1]):
                         if a_ij:
