@@ -13,7 +13,8 @@ torch thread each.
 
 Writes ``benchmarks/<system>/results/seeds.{json,md}`` (``seeds_cosine.{json,md}`` with
 ``--lr-schedule cosine``, whose runs go to ``out_seeds_cosine``): per seed the test reconstruction MSE,
-each physics parameter's MAE, correlation, calibrated and raw 90% coverage, and the IWAE
+each physics parameter's MAE (also debiased by the validation split's bias, see
+``pyro_physvae.report.debiased_errors``), correlation, calibrated and raw 90% coverage, and the IWAE
 log-likelihood; then the mean, median and worst over the seeds (worst: the largest error, the
 smallest correlation, the coverage furthest from 0.9).
 
@@ -67,8 +68,8 @@ def benchmark_data(system: str) -> Path:
 
 def parameter_rows(metrics: dict) -> dict[str, dict]:
     """Each physics parameter's figures from an evaluation's metrics."""
-    keys = ("mae", "corr", "coverage90", "coverage90_raw", "interval_width", "median_abs_error_deg",
-            "mae_deg")
+    keys = ("mae", "mae_debiased", "corr", "coverage90", "coverage90_raw", "interval_width",
+            "median_abs_error_deg", "mae_deg")
     return {name: {k: m[k] for k in keys if k in m}
             for name, m in metrics.items() if isinstance(m, dict) and "mae" in m and "coverage90" in m}
 
@@ -120,6 +121,8 @@ def spread(rows: list[dict]) -> dict[str, dict]:
            "iwae_log_likelihood": stats([r["iwae_log_likelihood"] for r in rows], np.min)}
     for name in rows[0]["parameters"]:
         for key in rows[0]["parameters"][name]:
+            if any(key not in r["parameters"][name] for r in rows):
+                continue  # e.g. a figure that an earlier version's evaluation lacks
             vals = [r["parameters"][name][key] for r in rows]
             worst = (np.min if key == "corr" else
                      (lambda v: v[np.argmax(np.abs(v - 0.9))]) if key.startswith("coverage") else np.max)
@@ -131,8 +134,10 @@ def markdown(system: str, rows: list[dict], summary: dict, meta: dict) -> str:
     names = list(rows[0]["parameters"])
     head = ["seed", "best epoch", "test recon MSE"]
     degrees = [n for n in names if "median_abs_error_deg" in rows[0]["parameters"][n]]
+    debiased = [n for n in names if f"{n}_mae_debiased" in summary]
     for n in names:
-        head += [f"{n} MAE", f"{n} corr", f"{n} 90% cov. calibrated", f"{n} 90% cov. raw"]
+        head += [f"{n} MAE"] + ([f"{n} MAE debiased"] if n in debiased else [])
+        head += [f"{n} corr", f"{n} 90% cov. calibrated", f"{n} 90% cov. raw"]
         head += [f"{n} median err [deg]"] if n in degrees else []
     head.append("IWAE / item")
     lines = [f"{system} {SETTING}, {meta['epochs']} epochs, "
@@ -143,8 +148,8 @@ def markdown(system: str, rows: list[dict], summary: dict, meta: dict) -> str:
     def cells(get) -> list[str]:
         c = [f"{get('recon_mse'):.3g}"]
         for n in names:
-            c += [f"{get(f'{n}_mae'):.4g}", f"{get(f'{n}_corr'):.3f}",
-                  f"{get(f'{n}_coverage90'):.3f}", f"{get(f'{n}_coverage90_raw'):.3f}"]
+            c += [f"{get(f'{n}_mae'):.4g}"] + ([f"{get(f'{n}_mae_debiased'):.4g}"] if n in debiased else [])
+            c += [f"{get(f'{n}_{k}'):.3f}" for k in ("corr", "coverage90", "coverage90_raw")]
             c += [f"{get(f'{n}_median_abs_error_deg'):.2f}"] if n in degrees else []
         return c + [f"{get('iwae_log_likelihood'):.5g}"]
 

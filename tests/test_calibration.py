@@ -26,6 +26,7 @@ from pyro_physvae.diagnostics import (
     with_noise,
 )
 from pyro_physvae.evaluate import diagnose, evaluate, predictive_coverage
+from pyro_physvae.report import build_calibration, parameter_metrics
 from pyro_physvae.train import TrainConfig, train
 
 
@@ -133,6 +134,21 @@ def test_the_residual_intervals_are_sharper_when_the_spread_says_nothing_and_res
     assert (fits["residual"].lower + fits["residual"].upper) / 2 == pytest.approx(-0.3, abs=0.05)
 
 
+def test_the_debiased_estimate_removes_the_shared_bias_measured_on_the_calibration_split():
+    cal_samples, cal_truth = _posteriors(2000, seed=0)
+    samples, truth = _posteriors(3000, seed=1)
+    cal = build_calibration("valid", None, {"omega": cal_samples}, {"omega": cal_truth.numpy()})
+    assert cal.bias["omega"] == pytest.approx(0.3, abs=0.03)
+    m = parameter_metrics(samples, truth.numpy(), calibration=cal, name="omega")
+    # The row errors are N(0.3, 0.5): the bias leaves E|N(0, 0.5)| = 0.5 sqrt(2 / pi) = 0.40.
+    assert m["mae_debiased"] == pytest.approx(0.5 * math.sqrt(2 / math.pi), abs=0.02)
+    assert m["mae"] > m["mae_debiased"] + 0.03 and m["rmse"] > m["rmse_debiased"]
+    assert m["debiased_by"] == {"bias": cal.bias["omega"], "fitted_on": "valid"}
+    # Without a calibration, or for a parameter it has no truths of, there is nothing to correct by.
+    assert "mae_debiased" not in parameter_metrics(samples, truth.numpy())
+    assert "mae_debiased" not in parameter_metrics(samples, truth.numpy(), calibration=cal, name="other")
+
+
 def test_conformal_intervals_of_an_angle_wrap_round_the_period():
     period = math.pi
     cal_samples, cal_truth = _posteriors(2000, seed=0, period=period)
@@ -171,6 +187,9 @@ def test_metrics_hold_raw_and_calibrated_figures(tiny_run, tmp_path):
     assert omega["calibrated"] is True and {"coverage90", "coverage90_raw", "interval_width",
                                              "interval_width_raw", "interval_methods"} <= set(omega)
     assert omega["interval_calibration"]["method"] == "residual"
+    bias = on_disk["calibration_fit"]["bias_on_split"]["omega"]
+    assert omega["debiased_by"] == {"bias": bias, "fitted_on": "valid"}
+    assert omega["mae_debiased"] >= 0 and omega["rmse_debiased"] >= omega["mae_debiased"]
     assert omega["interval_calibration"]["fitted_on"] == "valid" and omega["interval_calibration"]["n"] == 32
     assert set(omega["interval_methods"]) == set(INTERVAL_METHODS)
     fit = on_disk["calibration_fit"]
@@ -183,7 +202,7 @@ def test_metrics_hold_raw_and_calibrated_figures(tiny_run, tmp_path):
     assert m["omega"]["coverage90"] == omega["coverage90"]
     # calibrate_on=None: raw only, and said so.
     raw = evaluate(tiny_run, num_samples=20, iwae_particles=2, out_dir=tmp_path / "raw", calibrate_on=None)
-    assert raw["omega"]["calibrated"] is False
+    assert raw["omega"]["calibrated"] is False and "mae_debiased" not in raw["omega"]
     assert raw["omega"]["coverage90"] == raw["omega"]["coverage90_raw"]
     assert raw["calibration_fit"]["split"] is None and "raw" in raw["notes"]
     assert raw["predictive_coverage90"] == raw["predictive_coverage90_raw"]

@@ -141,6 +141,7 @@ def test_quickstart_end_to_end(tmp_path: Path, monkeypatch) -> None:
     # Calibrated and raw coverage side by side, with the sentence that says why raw is narrow.
     assert "omega 90% interval coverage, calibrated |" in report and "coverage, raw |" in report
     assert "Raw posterior intervals and the raw predictive are narrow because" in report
+    assert "omega MAE, debiased by the bias measured on valid |" in report
     for fig in ("reconstructions.png", "omega.png", "counterfactual.png"):
         assert (out / "eval" / fig).is_file()
 
