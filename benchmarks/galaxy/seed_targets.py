@@ -1,6 +1,6 @@
 """The galaxy benchmark's targets, seed by seed, for the runs of ``benchmarks/seeds.py``.
 
-    python benchmarks/galaxy/seed_targets.py [--runs benchmarks/galaxy/out_seeds]
+    python benchmarks/galaxy/seed_targets.py [--runs benchmarks/galaxy/out_seeds] [--name seed_targets]
 
 Reads each seed's default evaluation (``seedS/phys+nn+reg/eval-test/metrics.json``, written by
 ``seeds.py``) and the nn-only reconstruction error of the benchmark's table
@@ -8,7 +8,7 @@ Reads each seed's default evaluation (``seedS/phys+nn+reg/eval-test/metrics.json
 over nn-only's (target <= 1.2), theta's median error in degrees (<= 10), e's correlation
 (>= 0.9) and the four figures of the theta traversal (non-rotation share <= 0.05, orientation
 error <= 2 degrees, flux and axis-ratio variation <= 0.02 each). Writes
-``galaxy/results/seed_targets.{json,md}``.
+``galaxy/results/<name>.{json,md}`` (default ``seed_targets``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def seed_row(metrics: dict, nn_only_mse: float) -> list[float]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=HERE / "out_seeds")
+    p.add_argument("--name", default="seed_targets", help="output file name, without suffix")
     args = p.parse_args(argv)
     table_rows = json.loads((HERE / "results" / "results.json").read_text())["rows"]
     nn_only = table_rows["nn-only"]["best"]["recon_mse"]
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
                      + f" | {'yes' if met else 'no'} |")
     table = "\n".join(lines) + "\n"
     results = HERE / "results"
-    (results / "seed_targets.md").write_text(table)
+    (results / f"{args.name}.md").write_text(table)
     report = {"nn_only_mse": nn_only, "targets": [[n, t] for n, t, _ in TARGETS], "seeds": rows}
-    (results / "seed_targets.json").write_text(json.dumps(report, indent=2))
+    (results / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     print(table)
     return report
 
