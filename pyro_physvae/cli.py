@@ -241,12 +241,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     run's recorded ones (``train`` refuses the changes that are not safe), those left out
     keep them."""
     from pyro_physvae.data.io import check_data_dir
+    from pyro_physvae.restarts import read_restarts, recorded_run_dir, train_restarts
     from pyro_physvae.train import TrainConfig, train
 
     out = check_output_dir(args.out)
     given = _given_train_options(args)
+    restarted = read_restarts(out) if args.resume else None
+    restarts = args.restarts or (len(restarted["seeds"]) if restarted else None)
+    lightning = not (args.accelerator is None and args.devices is None and args.strategy is None)
+    if restarts is not None and lightning:
+        raise ValueError("--restarts trains its seeds one after the other in one process; leave out "
+                         "--accelerator, --devices and --strategy")
     if args.resume:
-        recorded = _recorded_run(out)
+        recorded = _recorded_run(recorded_run_dir(out) if restarts is not None else out)
         name = args.system or recorded["system"]
         source = recorded.get("system_source") if name == recorded["system"] else None
         system = get_system(name, source=source)
@@ -272,7 +279,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                                 label=f"--guide-option (--guide {config.guide})")
     if config.stream:
         return_freed_memory()
-    if args.accelerator is None and args.devices is None and args.strategy is None:
+    if restarts is not None:
+        history = train_restarts(system, setting, args.data, out, config, restarts=restarts,
+                                 model_kwargs=model_kwargs, guide_kwargs=guide_kwargs, resume=args.resume,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+        record = read_restarts(out)
+        losses = ", ".join(f"seed {r['seed']}: {r['best_val_loss']:.4g}" for r in record["restarts"])
+        print(f"restarts: best validation losses {losses}; kept seed {record['chosen']}")
+    elif not lightning:
         history = train(system, setting, args.data, out, config, model_kwargs=model_kwargs,
                         guide_kwargs=guide_kwargs, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.quiet)
@@ -592,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in OUT; options left out keep the run's values")
     fresh.add_argument("--overwrite", action="store_true",
                        help="start afresh in an OUT that already holds a run, replacing it")
+    t.add_argument("--restarts", type=_positive_int, default=None,
+                   help="train this many seeds (--seed, --seed + 1, ...) in OUT/restarts/ and keep the "
+                   "one with the lowest validation loss in OUT (K trainings; on --resume: the run's own)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     lt = t.add_argument_group(
         "Lightning (many devices)", "Any of these trains through Lightning: one process per device, "
