@@ -21,7 +21,7 @@ from typing import Any
 
 from pyro_physvae.files import DirectoryLock, atomic_write, atomic_write_bytes
 from pyro_physvae.settings import Setting
-from pyro_physvae.systems import System
+from pyro_physvae.systems import System, get_system
 from pyro_physvae.train import RUN_FILES, TrainConfig, read_history, train
 
 #: The record of a restarted run, in its directory.
@@ -117,8 +117,6 @@ def _seeded(system: str | System, config: TrainConfig | None, seed: int, resume:
         return replace(config, seed=seed)
     if resume:
         return None
-    from pyro_physvae.systems import get_system
-
     system = get_system(system) if isinstance(system, str) else system
     return TrainConfig(**{**system.train_defaults, "seed": seed})
 
