@@ -2,8 +2,9 @@
 validation loss.
 
 Some training seeds settle in a poor solution that the validation loss shows (on the galaxy
-benchmark, one seed of five ends with twice the others' best validation loss and twice their
-test reconstruction error; ``benchmarks/RESULTS.md``, "Restarts"). :func:`train_restarts`
+benchmark, two seeds of six end with two to three times the others' best validation loss, two to
+four times nn-only's test reconstruction error and, for one of them, theta lost;
+``benchmarks/RESULTS.md``, "Restarts"). :func:`train_restarts`
 trains ``restarts`` seeds, each in its own directory ``RUN/restarts/seed<S>``, and copies the
 run with the lowest validation loss into ``RUN``, so that ``RUN`` is an ordinary run for
 ``evaluate``, ``diagnose`` and ``--resume``. ``RUN/restarts.json`` records every seed's best
