@@ -252,6 +252,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if restarts is not None and lightning:
         raise ValueError("--restarts trains its seeds one after the other in one process; leave out "
                          "--accelerator, --devices and --strategy")
+    if args.overwrite and restarts is None and read_restarts(out) is not None:
+        raise ValueError(f"{out} holds restarts ({out / 'restarts.json'}); replace them with --overwrite "
+                         "--restarts K, or choose another directory")
     if args.resume:
         recorded = _recorded_run(recorded_run_dir(out) if restarts is not None else out)
         name = args.system or recorded["system"]

@@ -236,7 +236,8 @@ def debiased_errors(samples: Tensor, truth: np.ndarray, bias: float, split: str 
     Returns ``mae_debiased``, ``rmse_debiased`` (parameter units) and ``debiased_by`` (the
     bias subtracted, and the split it was measured on).
     """
-    err = samples.median(0).values.cpu().numpy() - bias - truth
+    centre, _, _ = posterior_offsets(samples)
+    err = centre.cpu().numpy() - bias - truth
     return {"mae_debiased": float(np.abs(err).mean()), "rmse_debiased": float(np.sqrt((err**2).mean())),
             "debiased_by": {"bias": float(bias), "fitted_on": split}}
 

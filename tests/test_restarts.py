@@ -92,3 +92,8 @@ def test_the_cli_trains_restarts_and_refuses_them_with_lightning(tiny_data_dir, 
     assert main(["train", "--data", str(tiny_data_dir), "--out", str(tmp_path / "l"), "--restarts", "2",
                  "--devices", "1"]) != 0
     assert "--restarts trains its seeds one after the other" in capsys.readouterr().err
+    # A plain --overwrite would leave the restarts' record behind for a later --resume: refused.
+    before = (out / "restarts.json").read_bytes()
+    assert main(["train", "--data", str(tiny_data_dir), "--out", str(out), "--epochs", "1", "--overwrite",
+                 "--quiet"]) != 0
+    assert "holds restarts" in capsys.readouterr().err and (out / "restarts.json").read_bytes() == before
