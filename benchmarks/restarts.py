@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pyro_physvae.train import read_history
+
 HERE = Path(__file__).parent
 SETTING = "phys+nn+reg"
 
 
 def best_validation_loss(run: Path) -> float:
     """The lowest validation loss in a run's history."""
-    with open(run / "history.jsonl") as f:
-        return min(json.loads(line)["val_loss"] for line in f if line.strip())
+    return min(r["val_loss"] for r in read_history(run))
 
 
 def figures(row: dict) -> dict[str, float]:

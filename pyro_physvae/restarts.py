@@ -92,13 +92,13 @@ def train_restarts(system: str | System, setting: str | Setting, data_dir: str |
     if overwrite and (run_dir / RESTARTS_DIR).is_dir():
         shutil.rmtree(run_dir / RESTARTS_DIR)
     seeds = list(range(first, first + restarts))
-    rows = []
+    rows, histories = [], {}
     for seed in seeds:
         sub = restart_dir(run_dir, seed)
         again = resume and (sub / "config.json").is_file()
         train(system, setting, data_dir, sub, _seeded(system, config, seed, again), resume=again,
               **train_kwargs)
-        history = read_history(sub)
+        history = histories[seed] = read_history(sub)
         best = min(history, key=lambda r: r["val_loss"])
         rows.append({"seed": seed, "best_val_loss": best["val_loss"], "best_epoch": best["epoch"],
                      "epochs": len(history)})
@@ -108,7 +108,7 @@ def train_restarts(system: str | System, setting: str | Setting, data_dir: str |
         record = {"seeds": seeds, "restarts": rows, "chosen": chosen["seed"], "trainings": len(seeds),
                   "criterion": "the lowest validation loss of each restart (its best.pt)"}
         atomic_write(run_dir / RESTARTS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    return read_history(run_dir)
+    return histories[chosen["seed"]]
 
 
 def _seeded(system: str | System, config: TrainConfig | None, seed: int, resume: bool) -> TrainConfig | None:
