@@ -9,8 +9,8 @@ test figures (``--summary``). A procedure "train K seeds, keep the run with the 
 validation loss" needs no test data and no true parameters and costs K trainings. Started at
 seed s it trains seeds s, ..., s + K - 1, so its outcome on these runs is exact: the chosen
 seed's test figures. For K = 1 .. number of seeds it prints, over the start seeds whose window
-fits, the mean and the worst of the reconstruction MSE and of each physics parameter's MAE,
-and which seed each start chose. Writes ``benchmarks/<system>/results/<name>.{json,md}``.
+fits, the mean and the worst of the reconstruction MSE and of each physics parameter's MAE (raw
+and, where the summary has it, debiased), and which seed each start chose. Writes ``benchmarks/<system>/results/<name>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,13 @@ def best_validation_loss(run: Path) -> float:
 
 
 def figures(row: dict) -> dict[str, float]:
-    """A seed's test figures: reconstruction MSE and each physics parameter's MAE."""
-    maes = {f"{name} MAE": p["mae"] for name, p in row["parameters"].items()}
+    """A seed's test figures: reconstruction MSE and each physics parameter's MAE, and its
+    debiased MAE where the summary has one."""
+    maes = {}
+    for name, p in row["parameters"].items():
+        maes[f"{name} MAE"] = p["mae"]
+        if p.get("mae_debiased") is not None:
+            maes[f"{name} MAE debiased"] = p["mae_debiased"]
     return {"recon_mse": row["recon_mse"], **maes}
 
 

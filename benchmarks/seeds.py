@@ -1,7 +1,7 @@
 """Spread over training seeds: phys+nn+reg trained with several seeds on the same data.
 
     python benchmarks/seeds.py --system advdif [--seeds 0 1 2 3 4] [--epochs E] [--jobs 2]
-                               [--lr-schedule cosine]
+                               [--lr-schedule cosine] [--name NAME]
 
 For each seed, trains phys+nn+reg on the system's benchmark data (generated once with data
 seed 0, the data of ``benchmarks/<system>/run.py``; the training seed alone changes), at the
@@ -12,7 +12,8 @@ the command can be run again after an interruption. Seeds train ``--jobs`` at a 
 torch thread each.
 
 Writes ``benchmarks/<system>/results/seeds.{json,md}`` (``seeds_cosine.{json,md}`` with
-``--lr-schedule cosine``, whose runs go to ``out_seeds_cosine``): per seed the test reconstruction MSE,
+``--lr-schedule cosine``, whose runs go to ``out_seeds_cosine``; ``--name`` names the files
+instead, so that a run over some seeds does not replace the summary of others): per seed the test reconstruction MSE,
 each physics parameter's MAE (also debiased by the validation split's bias, see
 ``pyro_physvae.report.debiased_errors``), correlation, calibrated and raw 90% coverage, and the IWAE
 log-likelihood; then the mean, median and worst over the seeds (worst: the largest error, the
@@ -175,9 +176,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "which the seeds of 2026-12-03 compare against; advdif's own default is cosine)")
     p.add_argument("--out", default=None, help="default: benchmarks/<system>/out_seeds, with "
                    "_<schedule> appended for a schedule other than constant")
+    p.add_argument("--name", default=None, help="results file name, without suffix (default: seeds, "
+                   "with _<schedule> appended for a schedule other than constant)")
     args = p.parse_args(argv)
     epochs = args.epochs or BUDGET[args.system]
     tag = "" if args.lr_schedule == "constant" else f"_{args.lr_schedule}"
+    name = args.name or f"seeds{tag}"
     out = Path(args.out or HERE / args.system / f"out_seeds{tag}")
     data = benchmark_data(args.system)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -196,9 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = HERE / args.system / "results"
     results.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta, "rows": rows, "summary": summary}
-    (results / f"seeds{tag}.json").write_text(json.dumps(report, indent=2))
+    (results / f"{name}.json").write_text(json.dumps(report, indent=2))
     table = markdown(args.system, rows, summary, meta)
-    (results / f"seeds{tag}.md").write_text(table)
+    (results / f"{name}.md").write_text(table)
     print(table)
     return report
 
