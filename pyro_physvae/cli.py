@@ -586,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient factor before clipping and Adam (default: the reference "
                    "loss scale, 2 sigma^2 / N_train)")
     t.add_argument("--solver", choices=METHODS, default=None,
-                   help="ODE solver (default: the model's, euler)")
+                   help="ODE solver (default: the model's: euler, rk4 for locomotion)")
     t.add_argument("--substeps", type=_positive_int, default=None,
                    help="fixed-step solver steps per observation interval (default: the model's)")
     t.add_argument("--rtol", type=_positive_float, default=None, help="adaptive solvers' tolerance")
