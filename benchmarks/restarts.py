@@ -10,7 +10,8 @@ validation loss" needs no test data and no true parameters and costs K trainings
 seed s it trains seeds s, ..., s + K - 1, so its outcome on these runs is exact: the chosen
 seed's test figures. For K = 1 .. number of seeds it prints, over the start seeds whose window
 fits, the mean and the worst of the reconstruction MSE and of each physics parameter's MAE (raw
-and, where the summary has it, debiased), and which seed each start chose. Writes ``benchmarks/<system>/results/<name>.{json,md}``.
+and, where the summary has it, debiased), and which seed each start chose. Writes
+``benchmarks/<system>/results/<name>.{json,md}``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ torch thread each.
 
 Writes ``benchmarks/<system>/results/seeds.{json,md}`` (``seeds_cosine.{json,md}`` with
 ``--lr-schedule cosine``, whose runs go to ``out_seeds_cosine``; ``--name`` names the files
-instead, so that a run over some seeds does not replace the summary of others): per seed the test reconstruction MSE,
-each physics parameter's MAE (also debiased by the validation split's bias, see
+instead, so that a run over some seeds does not replace the summary of others): per seed the
+test reconstruction MSE, each physics parameter's MAE (also debiased by the validation split's bias, see
 ``pyro_physvae.report.debiased_errors``), correlation, calibrated and raw 90% coverage, and the IWAE
 log-likelihood; then the mean, median and worst over the seeds (worst: the largest error, the
 smallest correlation, the coverage furthest from 0.9).
