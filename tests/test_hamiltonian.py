@@ -102,7 +102,8 @@ def test_no_grad_gives_plain_tensors_and_the_same_values():
     assert torch.allclose(grad, reference.gradient(y), atol=1e-12)
 
 
-@pytest.mark.parametrize(("method", "substeps"), [("rk4", 1), ("rk4", 2), ("midpoint", 1), ("euler", 3)])
+@pytest.mark.parametrize(("method", "substeps"),
+                         [("rk4", 1), ("rk4", 2), ("heun3", 1), ("heun3", 2), ("midpoint", 1), ("euler", 3)])
 @pytest.mark.parametrize("activation", ["elu", "softplus"])
 def test_one_node_solve_matches_autograd_through_the_native_loop(method, substeps, activation):
     """States and the gradients of a loss on them, for leading (particle, batch) dims and a

@@ -41,7 +41,7 @@ def test_method_lists_are_consistent():
 
 @pytest.mark.parametrize(
     ("method", "substeps", "tol"),
-    [("euler", 1000, 1e-3), ("midpoint", 20, 1e-4), ("rk4", 1, 1e-5), ("rk4", 10, 1e-9),
+    [("euler", 1000, 1e-3), ("midpoint", 20, 1e-4), ("heun3", 10, 1e-6), ("rk4", 1, 1e-5), ("rk4", 10, 1e-9),
      ("dopri5", 1, 1e-5), ("bosh3", 1, 2e-3)],
 )
 def test_exponential_decay_matches_closed_form(method, substeps, tol):
@@ -145,7 +145,7 @@ def test_blow_up_raises_integration_error():
     assert issubclass(IntegrationError, FloatingPointError)
 
 
-@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun3", "rk4"])
 def test_a_non_finite_value_midway_in_one_row_is_caught(method):
     """The fixed-grid check looks at the last state only: a NaN from the right-hand side
     half-way, in one row of the batch, must still stop the solve."""
@@ -211,7 +211,7 @@ def test_time_grid():
         time_grid(3, float("nan"))
 
 
-@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun3", "rk4"])
 @pytest.mark.parametrize("substeps", [1, 3])
 def test_native_fixed_grid_loop_equals_torchdiffeq(method, substeps):
     """The native loops compute what torchdiffeq's solvers of the same name compute, values
@@ -237,3 +237,8 @@ def test_euler_on_a_non_uniform_grid_falls_back_to_torchdiffeq():
     t = torch.tensor([0.0, 0.1, 0.3, 0.35])
     ys = integrate(lambda t, y: -y, torch.ones(1), t, method="euler", substeps=50)
     assert torch.allclose(ys[..., 0], torch.exp(-t), atol=5e-3)
+
+
+def test_heun3_error_is_third_order_in_the_step():
+    errors = [decay_error("heun3", s) for s in (1, 10)]
+    assert 500.0 < errors[0] / errors[1] < 2000.0, errors  # ~1000x smaller for a 10x smaller step
