@@ -252,7 +252,7 @@ class PhysVAEModel(PyroModule):
             n_steps: observed time steps T (at least 2), the last axis of ``x``.
             dt: their interval [s].
             method: a solver of :data:`pyro_physvae.ode.METHODS` (native fixed-step
-                ``euler``, ``midpoint``, ``rk4``, or any torchdiffeq method).
+                ``euler``, ``midpoint``, ``heun3``, ``rk4``, or any torchdiffeq method).
             substeps: fixed-step solver steps per observation interval.
             rtol, atol: tolerances of adaptive solvers.
 

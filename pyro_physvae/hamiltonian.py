@@ -261,9 +261,9 @@ def angular_frequency(period: float | None) -> float | None:
 def hamiltonian_rk_trajectory(net: NetworkGradient, w_field: Tensor, linear: Tensor | None, y0: Tensor,
                               t: Tensor, method: str, substeps: int = 1) -> Tensor:
     """Solve ``dy/dt = f(y) = y @ linear + g_1(y) @ w_field`` (``g_1 = du/da_1`` of ``net``)
-    with the explicit Runge-Kutta method ``method`` (``euler``, ``midpoint`` or ``rk4``, as
-    :func:`pyro_physvae.ode.integrate` computes them on a uniform grid) and return the states at
-    the times ``t``.
+    with the explicit Runge-Kutta method ``method`` (``euler``, ``midpoint``, ``heun3`` or
+    ``rk4``, as :func:`pyro_physvae.ode.integrate` computes them on a uniform grid) and return
+    the states at the times ``t``.
 
     Differentiable once with respect to ``y0``, the network's weights and offset and
     ``w_field`` (by the exact adjoint of the solver's steps); ``linear`` is a constant.

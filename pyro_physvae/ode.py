@@ -124,7 +124,7 @@ TABLEAUS: dict[str, tuple[tuple[tuple[float, tuple[float, ...]], ...], tuple[flo
 
 
 def _fixed_grid(rhs: RightHandSide, y0: Tensor, t: Tensor, substeps: int, method: str) -> Tensor:
-    """Explicit Runge-Kutta (``euler``, ``midpoint`` or ``rk4``) on the uniform grid ``t`` with
+    """Explicit Runge-Kutta (a method of :data:`TABLEAUS`) on the uniform grid ``t`` with
     ``substeps`` steps per interval, as torchdiffeq computes it, without its per-step
     interpolation bookkeeping, which is a large share of the cost for the small right-hand
     sides of the zoo. Returns ``(..., T, D)``."""
