@@ -36,6 +36,27 @@ CANDIDATES = {
 }
 
 
+def drifts(run_dir: str | Path, data: str | Path, solvers: list[tuple[str, int]], *, split: str = "valid",
+           checkpoint: str = "last.pt") -> list[dict]:
+    """The relative energy drift over a cycle (median and maximum over the split's sequences) of
+    ``run_dir``'s learnt energy, re-integrated from the encoder's posterior-mean initial states
+    and codes with each ``(method, substeps)`` of ``solvers``."""
+    run = load_run(run_dir, checkpoint)
+    x = run.system.observations(run.load(split, str(data)))
+    with torch.no_grad():
+        latents = run.guide(x)  # one draw; the means follow below
+        h = run.guide.features(x)
+        y0 = run.guide.y0_head(h)[0]
+        z = run.guide.z_P_head(h)[0] if "z_P" in latents else None
+    rows = []
+    for method, substeps in solvers:
+        run.model.method, run.model.substeps = method, substeps
+        rel = run.model.energy_drift(y0, z)["relative"]
+        rows.append({"solver": method, "substeps": substeps, "step": run.model.dt / substeps,
+                     "relative_drift_median": float(rel.median()), "relative_drift_max": float(rel.max())})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("run", nargs="?", default=str(HERE / "out" / "phys+nn+reg"))
@@ -45,24 +66,12 @@ def main() -> None:
     p.add_argument("--three-stage", action="store_true", help="also the candidate tableaus (see above)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    run = load_run(args.run, args.checkpoint)
-    x = run.system.observations(run.load(args.split, args.data))
-    with torch.no_grad():
-        latents = run.guide(x)  # one draw; the means follow below
-        h = run.guide.features(x)
-        y0 = run.guide.y0_head(h)[0]
-        z = run.guide.z_P_head(h)[0] if "z_P" in latents else None
-    rows = []
     solvers = [("euler", 1), ("midpoint", 1), ("midpoint", 2), ("midpoint", 4), ("heun3", 1), ("rk4", 1)]
     if args.three_stage:
         TABLEAUS.update(CANDIDATES)
         solvers += [(name, 1) for name in CANDIDATES]
-    for method, substeps in solvers:
-        run.model.method, run.model.substeps = method, substeps
-        rel = run.model.energy_drift(y0, z)["relative"]
-        rows.append({"solver": method, "substeps": substeps, "step": run.model.dt / substeps,
-                     "relative_drift_median": float(rel.median()), "relative_drift_max": float(rel.max())})
-        print(json.dumps(rows[-1]), flush=True)
+    for row in drifts(args.run, args.data, solvers, split=args.split, checkpoint=args.checkpoint):
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

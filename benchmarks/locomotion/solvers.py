@@ -26,28 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_physvae.evaluate import load_run
 from pyro_physvae.train import read_history
 
 sys.path.insert(0, str(Path(__file__).parent))
+from energy_by_solver import drifts  # noqa: E402
 from run import evaluate_run  # noqa: E402
 
 HERE = Path(__file__).parent
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "locomotion"
-
-
-def drift_under(run_dir: Path, data: Path, method: str) -> dict[str, float]:
-    """The relative energy drift of ``run_dir``'s learnt energy (last checkpoint) re-integrated
-    with ``method``: median and maximum over the validation recordings."""
-    run = load_run(run_dir, "last.pt")
-    x = run.system.observations(run.load("valid", str(data)))
-    with torch.no_grad():
-        h = run.guide.features(x)
-        y0 = run.guide.y0_head(h)[0]
-        z = run.guide.z_P_head(h)[0] if hasattr(run.guide, "z_P_head") else None
-        run.model.method = method
-        rel = run.model.energy_drift(y0, z)["relative"]
-    return {"median": float(rel.median()), "max": float(rel.max())}
 
 
 def main() -> None:
@@ -72,7 +58,8 @@ def main() -> None:
                          "drift_median": r["energy_drift_median"], "drift_max": r["energy_drift_max"],
                          "solver": r["solver"], "s_per_epoch_train_median": float(np.median(times))})
             print(json.dumps(rows[-1]), flush=True)
-    cross = {trained: {method: drift_under(args.runs / trained, args.data, method) for method in args.solvers}
+    cross = {trained: {r["solver"]: {"median": r["relative_drift_median"], "max": r["relative_drift_max"]}
+                       for r in drifts(args.runs / trained, args.data, [(m, 1) for m in args.solvers])}
              for trained in args.solvers}
     lines = ["| run | checkpoint (epoch) | valid MSE | MSE / nn-only | physics-only variance explained "
              "| energy drift, own solver (median / max) | training s/epoch (median) |",

@@ -59,6 +59,7 @@ def spread(rows: list[dict], key: str) -> dict[str, float]:
 
 
 def verdict(summary: dict[str, dict[str, float]], mae_key: str) -> dict[str, bool]:
+    """Whether each of the issue's targets holds, with the MAE of ``mae_key``."""
     return {"omega_mae_median": summary[mae_key]["median"] <= TARGETS["omega_mae_median"],
             "omega_mae_worst": summary[mae_key]["worst"] <= TARGETS["omega_mae_worst"],
             "recon_mse_mean": summary["recon_mse"]["mean"] <= TARGETS["recon_mse_mean"]}
